@@ -1,0 +1,98 @@
+"""Attention that works in both passes of the MeanFlow step.
+
+The gradient pass uses the fused ``F.scaled_dot_product_attention``. The JVP pass runs under
+forward-mode AD, where the fused kernels have no derivative (FINDINGS.md #1). When any input
+carries a forward-mode tangent we therefore compute the output *and* its tangent ourselves,
+exactly, one block of queries at a time, so the N x N score matrix is never held for all
+queries at once.
+
+Tangent of softmax attention, with s the 1/sqrt(d) scale:
+
+    S  = s q k^T + bias              P  = softmax(S)             O = P v
+    dS = s (dq k^T + q dk^T)         dP = P * (dS - rowsum(P * dS))
+    dO = dP v + P dv = (P * dS) v - rowsum(P * dS) * O + P dv
+
+Masked keys have P = 0, so they contribute nothing to either term.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
+
+# Score-matrix elements per query block in the JVP pass (float32: 4 bytes each). Four such
+# temporaries live at once, so 8M elements keep the pass under ~128 MiB whatever N is.
+JVP_BLOCK_ELEMENTS = 8 * 1024 * 1024
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Multi-head attention. q: [B, H, Nq, d]; k, v: [B, H, Nk, d]; key_mask: [B, Nk] bool, True = attend.
+
+    Every row of ``key_mask`` must keep at least one key (the model's null text token does).
+    """
+    q_p, dq = fwAD.unpack_dual(q)
+    k_p, dk = fwAD.unpack_dual(k)
+    v_p, dv = fwAD.unpack_dual(v)
+    if dq is None and dk is None and dv is None:
+        mask = None if key_mask is None else key_mask[:, None, None, :]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    out, tangent = attention_with_tangent(q_p, k_p, v_p, dq, dk, dv, key_mask)
+    return fwAD.make_dual(out, tangent)
+
+
+def attention_with_tangent(q, k, v, dq, dk, dv, key_mask=None, block_size: int | None = None):
+    """Output and exact tangent of softmax attention, blockwise over queries.
+
+    Any of dq, dk, dv may be None (a zero tangent: text keys and values have none).
+    Returns (out, d_out), both [B, H, Nq, d].
+    """
+    batch, heads, n_q, _ = q.shape
+    n_k = k.shape[2]
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    if block_size is None:
+        block_size = max(1, JVP_BLOCK_ELEMENTS // max(1, batch * heads * n_k))
+    bias = None
+    if key_mask is not None:
+        bias = torch.zeros(key_mask.shape, dtype=q.dtype, device=q.device)
+        bias = bias.masked_fill(~key_mask, float("-inf"))[:, None, None, :]
+
+    out = torch.empty_like(q)
+    d_out = torch.empty_like(q)
+    k_t = k.transpose(-2, -1)
+    for start in range(0, n_q, block_size):
+        rows = slice(start, min(start + block_size, n_q))
+        out[:, :, rows], d_out[:, :, rows] = _block(q[:, :, rows], None if dq is None else dq[:, :, rows],
+                                                    k_t, dk, v, dv, bias, scale)
+    return out, d_out
+
+
+def _block(q, dq, k_t, dk, v, dv, bias, scale):
+    scores = torch.matmul(q, k_t).mul_(scale)
+    if bias is not None:
+        scores.add_(bias)
+    probs = torch.softmax(scores, dim=-1)
+    del scores
+    out = torch.matmul(probs, v)
+
+    d_scores = None
+    if dq is not None:
+        d_scores = torch.matmul(dq, k_t)
+    if dk is not None:
+        term = torch.matmul(q, dk.transpose(-2, -1))
+        d_scores = term if d_scores is None else d_scores.add_(term)
+    d_out = torch.zeros_like(out) if dv is None else torch.matmul(probs, dv)
+    if d_scores is not None:
+        weighted = d_scores.mul_(probs).mul_(scale)  # P * dS, in place: d_scores is not needed again
+        d_out.add_(torch.matmul(weighted, v)).sub_(weighted.sum(-1, keepdim=True) * out)
+    return out, d_out
+
+
+def math_attention(q, k, v, key_mask=None):
+    """Plain ``softmax(q k^T / sqrt(d)) v``: slow, but differentiable in every mode (the test oracle)."""
+    scores = torch.matmul(q, k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+    if key_mask is not None:
+        scores = scores.masked_fill(~key_mask[:, None, None, :], float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1), v)

@@ -1,0 +1,88 @@
+"""Text to image with an exported model: encode the prompts, sample, write PNGs."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import torch
+from PIL import Image
+
+from emf_dist.export import ExportInfo, load_model
+from emf_dist.model import VelocityNet
+from emf_dist.samplers import sample
+from emf_dist.text_encoder import TextEncoder, check_fingerprint
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """[B, 3, H, W] in [-1, 1] -> [B, H, W, 3] uint8."""
+    pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return pixels.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def from_uint8(images: np.ndarray) -> torch.Tensor:
+    """[B, H, W, 3] uint8 -> [B, 3, H, W] float32 in [-1, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def image_grid(images: np.ndarray, columns: int | None = None, pad: int = 2) -> np.ndarray:
+    """Tile [N, H, W, 3] images into one [rows*(H+pad), columns*(W+pad), 3] picture."""
+    count, height, width, _ = images.shape
+    columns = columns or math.ceil(math.sqrt(count))
+    rows = math.ceil(count / columns)
+    grid = np.full((rows * (height + pad) + pad, columns * (width + pad) + pad, 3), 40, dtype=np.uint8)
+    for i, image in enumerate(images):
+        top, left = pad + (i // columns) * (height + pad), pad + (i % columns) * (width + pad)
+        grid[top:top + height, left:left + width] = image
+    return grid
+
+
+def save_png(image: np.ndarray, path: str | os.PathLike, upscale: int = 1) -> None:
+    """Write atomically; ``upscale`` enlarges tiny images with nearest-neighbour for viewing."""
+    picture = Image.fromarray(image)
+    if upscale > 1:
+        picture = picture.resize((picture.width * upscale, picture.height * upscale), Image.NEAREST)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    partial = f"{path}.partial"
+    picture.save(partial, format="PNG")
+    os.replace(partial, path)
+
+
+def load_encoder_for(info: ExportInfo, model_dir: str, device="cpu") -> TextEncoder:
+    """The text encoder the model was trained with, checked against the recorded fingerprint."""
+    encoder = TextEncoder(info.text_encoder, device=device)
+    check_fingerprint(info.encoder_fingerprint, encoder.fingerprint(),
+                      what_expected=f"the model ({model_dir})", what_actual="the text encoder loaded here")
+    return encoder
+
+
+@torch.no_grad()
+def generate_images(model: VelocityNet, encoder: TextEncoder, prompts: list[str], *, steps: int, seed: int,
+                    mean_flow: bool = True, guidance_scale: float = 1.0) -> np.ndarray:
+    """One image per prompt, [N, H, W, 3] uint8; image i depends only on (seed, i, prompt i)."""
+    cfg = model.cfg
+    if cfg.in_channels != 3:
+        raise ValueError(f"this model works in a {cfg.in_channels}-channel latent space; decoding latents to "
+                         "pixels needs the VAE it was trained with, which generate does not load yet")
+    device = next(model.parameters()).device
+    text = encoder.encode(prompts)
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn(len(prompts), cfg.in_channels, cfg.input_size, cfg.input_size, generator=generator)
+    images = sample(model, noise.to(device), text.tokens.to(device), text.mask.to(device), text.pooled.to(device),
+                    steps=steps, mean_flow=mean_flow, guidance_scale=guidance_scale)
+    return to_uint8(images)
+
+
+def generate_to_file(model_dir: str, prompts: list[str], out: str, *, steps: int | None = None, seed: int = 0,
+                     guidance_scale: float | None = None, upscale: int = 1, device: str = "cpu") -> str:
+    """What ``emf generate`` does: one PNG (a grid when several prompts are given)."""
+    if not prompts:
+        raise ValueError("give at least one prompt")
+    model, info = load_model(model_dir, device)
+    encoder = load_encoder_for(info, model_dir, device)
+    images = generate_images(model, encoder, prompts, steps=steps or info.sampling.steps, seed=seed,
+                             mean_flow=info.sampling.mean_flow,
+                             guidance_scale=info.sampling.guidance_scale if guidance_scale is None else guidance_scale)
+    save_png(images[0] if len(prompts) == 1 else image_grid(images), out, upscale=upscale)
+    return out

@@ -1,0 +1,132 @@
+"""The MeanFlow objective (and flow matching, its r = t special case), in two passes.
+
+Flow path z_t = (1 - t) x + t e, data at t = 0, noise at t = 1, velocity v = e - x. The
+network predicts the average velocity u(z_t, r, t) over [r, t]; the MeanFlow identity gives
+its regression target
+
+    u_tgt = v - (t - r) du/dt,        du/dt = J_z u . v + d_t u     (tangents (v, 0, 1) for (z, r, t))
+
+and the loss is the adaptive-weighted ||u - sg(u_tgt)||^2, weight 1 / (||err||^2 + c)^p.
+
+Because u_tgt is stop-gradient, the step runs in two passes (FINDINGS.md #3):
+  1. du/dt by forward-mode AD under no_grad, in float32 even under bf16 autocast, on the rows
+     with r != t only (rows with r = t have target v and need no derivative);
+  2. an ordinary forward with gradients (and activation checkpointing, if the model has it on).
+
+Classifier-free guidance: text is dropped to the model's null condition at rate
+``text_drop``; with guidance folded into training (MeanFlow's recipe) the velocity becomes
+v_g = w v + (1 - w - k) u_uncond + k u_cond for the rows that keep their text, u_* being the
+network's own predictions at r = t, so 1-step sampling needs one network evaluation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.autograd.forward_ad as fwAD
+import torch.nn as nn
+
+from emf_dist.samplers import cond_and_uncond
+from emf_dist.time_sampling import TimeSamplerConfig, sample_times
+
+
+@dataclass
+class MeanFlowConfig:
+    mode: Literal["meanflow", "flow_matching"] = "meanflow"  # flow_matching: r = t always, no JVP
+    time: TimeSamplerConfig = field(default_factory=TimeSamplerConfig)  # (r, t) law and its schedule
+    adaptive_p: float = 1.0  # adaptive loss weight 1/(err^2 + c)^p; 0 gives the plain squared error
+    adaptive_c: float = 1e-3  # c above (MeanFlow's PyTorch code: 1e-3; its JAX code: 1e-2)
+    text_drop: float = 0.1  # probability of replacing a row's text by the null condition
+    guidance_w: float = 1.0  # w in v_g = w v + (1 - w - k) u_uncond + k u_cond; w = 1, k = 0: no folding
+    guidance_k: float = 0.0  # k above
+    jvp: Literal["forward_ad", "finite_difference"] = "forward_ad"  # how du/dt is computed
+    # Step of the central finite difference. The time embedding's frequencies reach 1000 rad per
+    # unit t, so the difference is exact only in float64 with a tiny step: an oracle, not a default.
+    fd_eps: float = 1e-4
+    jvp_float32: bool = True  # run the JVP pass in float32 with autocast off (bf16 JVPs diverge)
+
+    @property
+    def folds_guidance(self) -> bool:
+        return self.guidance_w != 1.0 or self.guidance_k != 0.0
+
+    def validate(self) -> list[str]:
+        problems = []
+        if not 0.0 <= self.text_drop < 1.0:
+            problems.append(f"text_drop must lie in [0, 1), got {self.text_drop}")
+        if self.folds_guidance and self.text_drop == 0.0:
+            problems.append("folding guidance into the target needs text_drop > 0 to learn the unconditional velocity")
+        if self.adaptive_p < 0 or self.adaptive_c <= 0:
+            problems.append(f"need adaptive_p >= 0 and adaptive_c > 0, got {self.adaptive_p}, {self.adaptive_c}")
+        if self.fd_eps <= 0:
+            problems.append(f"fd_eps must be > 0, got {self.fd_eps}")
+        return problems
+
+
+def time_derivative(net: nn.Module, z, r, t, velocity, text: tuple, drop, cfg: MeanFlowConfig) -> torch.Tensor:
+    """du/dt along the flow: the JVP of u(z, r, t) with tangents (velocity, 0, 1). No gradients."""
+    with torch.no_grad():
+        if cfg.jvp == "finite_difference":
+            eps = cfg.fd_eps
+            ahead = net(z + eps * velocity, r, t + eps, *text, drop)
+            behind = net(z - eps * velocity, r, t - eps, *text, drop)
+            return (ahead - behind) / (2 * eps)
+        if cfg.jvp_float32:
+            z, r, t, velocity = z.float(), r.float(), t.float(), velocity.float()
+        with torch.autocast(z.device.type, enabled=not cfg.jvp_float32), fwAD.dual_level():
+            u = net(fwAD.make_dual(z, velocity), r, fwAD.make_dual(t, torch.ones_like(t)), *text, drop)
+            return fwAD.unpack_dual(u).tangent
+
+
+def guided_velocity(net: nn.Module, z, t, v, text: tuple, drop, cfg: MeanFlowConfig) -> torch.Tensor:
+    """MeanFlow's training-time guidance: v_g for rows that keep their text, v for dropped rows."""
+    if not cfg.folds_guidance:
+        return v
+    with torch.no_grad():
+        u_cond, u_uncond = cond_and_uncond(net, z, t, t, *text)
+    w, k = cfg.guidance_w, cfg.guidance_k
+    v_guided = w * v + (1 - w - k) * u_uncond + k * u_cond
+    return torch.where(drop[:, None, None, None], v, v_guided.to(v.dtype))
+
+
+class MeanFlowLoss:
+    """Callable objective: ``loss, stats = objective(model, x, tokens, mask, pooled, progress)``.
+
+    ``model`` runs the gradient pass and may be a wrapper (DeepSpeed engine, DDP) that syncs
+    gradients; ``net`` (default: model) is the plain module used for the no-grad passes,
+    since forward-mode AD does not run through such wrappers (FINDINGS.md #11).
+    """
+
+    def __init__(self, cfg: MeanFlowConfig):
+        self.cfg = cfg
+
+    def __call__(self, model, x, text_tokens, text_mask, text_pooled, progress: float = 0.0, *,
+                 net: nn.Module | None = None, generator: torch.Generator | None = None):
+        cfg, net = self.cfg, net if net is not None else model
+        batch, device = x.shape[0], x.device
+        text = (text_tokens, text_mask, text_pooled)
+
+        r, t = sample_times(cfg.time, batch, progress, device=device, generator=generator)
+        if cfg.mode == "flow_matching":
+            r = t
+        drop = torch.rand(batch, generator=generator, device=device) < cfg.text_drop
+        noise = torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype)
+        expand = lambda s: s.view(-1, 1, 1, 1).to(x.dtype)  # noqa: E731
+        z = (1 - expand(t)) * x + expand(t) * noise
+        v = guided_velocity(net, z, t, noise - x, text, drop, cfg)
+
+        target = v
+        jvp_rows = (r != t).nonzero().squeeze(1)
+        if len(jvp_rows):
+            rows = lambda a: a.index_select(0, jvp_rows)  # noqa: E731
+            du_dt = time_derivative(net, rows(z), rows(r), rows(t), rows(v), tuple(map(rows, text)), rows(drop), cfg)
+            gap = rows(t) - rows(r)
+            target = v.index_add(0, jvp_rows, -expand(gap) * du_dt.to(v.dtype))
+
+        u = model(z, r, t, *text, drop)
+        precision = torch.promote_types(u.dtype, torch.float32)  # reduce bf16 outputs in float32
+        err = (u.to(precision) - target.detach().to(precision)).pow(2).flatten(1).mean(1)
+        weight = (err.detach() + cfg.adaptive_c).pow(-cfg.adaptive_p)
+        loss = (weight * err).mean()
+        return loss, {"mse": err.mean().detach(), "jvp_rows": len(jvp_rows)}

@@ -1,0 +1,35 @@
+"""Small builders shared by the tests."""
+
+from __future__ import annotations
+
+import torch
+
+from emf_dist.model import ModelConfig, VelocityNet
+
+
+def tiny_config(**overrides) -> ModelConfig:
+    base = dict(input_size=8, in_channels=3, patch_size=2, width=32, depth=2, heads=2, text_dim=12)
+    base.update(overrides)
+    return ModelConfig(**base)
+
+
+def randomised(model: VelocityNet, scale: float = 0.1, seed: int = 0) -> VelocityNet:
+    """Give the zero-initialised layers (adaLN-Zero, output, interval path) random values, so
+    every path carries signal: a fresh DiT outputs exactly 0."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            if not param.any():
+                param.copy_(scale * torch.randn(param.shape, generator=gen, dtype=param.dtype))
+    return model
+
+
+def random_text(batch: int, length: int, dim: int, seed: int = 0, dtype=torch.float32):
+    """Token states, a padding mask with a different number of real tokens per row, and pooled vectors."""
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randn(batch, length, dim, generator=gen, dtype=dtype)
+    real = 1 + torch.arange(batch) % length
+    mask = torch.arange(length)[None] < real[:, None]
+    tokens = tokens * mask[..., None]
+    pooled = torch.randn(batch, dim, generator=gen, dtype=dtype)
+    return tokens, mask, pooled
