@@ -38,6 +38,9 @@ class ModelConfig:
     mlp_ratio: float = 4.0  # MLP hidden size = width * mlp_ratio
     text_dim: int = 384  # size of the text encoder's token states and pooled vector
     time_embedding: Literal["single", "dual"] = "dual"  # "single": flow matching; "dual": EMF MeanFlow
+    # Times are multiplied by this before the sinusoidal features. DiT uses 1000 (t in steps);
+    # smaller values give a smoother u(t) and a better-conditioned du/dt for MeanFlow.
+    time_scale: float = 1000.0
     checkpointing: bool = False  # recompute each block in the backward pass (saves activation memory)
 
     @property
@@ -86,9 +89,9 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 class TimestepEmbedder(nn.Module):
     """Sinusoidal features of a scalar in [0, 1], then an MLP (as in DiT)."""
 
-    def __init__(self, width: int, frequencies: int = 256, zero_output: bool = False):
+    def __init__(self, width: int, scale: float, frequencies: int = 256, zero_output: bool = False):
         super().__init__()
-        self.frequencies = frequencies
+        self.scale, self.frequencies = scale, frequencies
         self.mlp = nn.Sequential(nn.Linear(frequencies, width), nn.SiLU(), nn.Linear(width, width))
         if zero_output:  # EMF's interval path starts as a no-op (FastGen does the same)
             nn.init.zeros_(self.mlp[2].weight)
@@ -99,8 +102,7 @@ class TimestepEmbedder(nn.Module):
         # At least float32: sin(1000 t) loses the time derivative in bf16.
         dtype = torch.promote_types(s.dtype, torch.float32)
         freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=s.device, dtype=dtype) / half)
-        # DiT feeds t in [0, 1000]; scaling keeps its frequency range for t in [0, 1].
-        angles = (1000.0 * s.to(dtype))[:, None] * freqs[None]
+        angles = (self.scale * s.to(dtype))[:, None] * freqs[None]
         features = torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
         return self.mlp(features.to(self.mlp[0].weight.dtype))
 
@@ -166,10 +168,10 @@ class VelocityNet(nn.Module):
         self.patch_embed = nn.Conv2d(ch, w, kernel_size=p, stride=p)
         self.register_buffer("pos_embed", sincos_2d(w, cfg.input_size // p), persistent=False)
         if cfg.time_embedding == "dual":
-            self.t_end_embedder = TimestepEmbedder(w)
-            self.t_interval_embedder = TimestepEmbedder(w, zero_output=True)
+            self.t_end_embedder = TimestepEmbedder(w, cfg.time_scale)
+            self.t_interval_embedder = TimestepEmbedder(w, cfg.time_scale, zero_output=True)
         else:
-            self.t_embedder = TimestepEmbedder(w)
+            self.t_embedder = TimestepEmbedder(w, cfg.time_scale)
         self.text_proj = nn.Sequential(nn.LayerNorm(cfg.text_dim), nn.Linear(cfg.text_dim, w))
         self.pooled_proj = nn.Sequential(nn.Linear(cfg.text_dim, w), nn.SiLU(), nn.Linear(w, w))
         # The "no text" condition for classifier-free guidance: one learned token (so every

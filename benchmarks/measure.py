@@ -1,0 +1,52 @@
+"""Time and peak memory of one piece of work, each measurement in a fresh process.
+
+CPU PyTorch has no allocator peak counter, so peak memory is read from the kernel: the child
+runs with glibc's mmap threshold fixed at 64 KiB, so every tensor of note is its own mapping
+and freeing it lowers RSS (by default the threshold grows and freed memory stays resident).
+After the warm-up runs (optimizer state exists, caches are built) the peak-RSS mark is reset
+through /proc/self/clear_refs; the peak of the measured runs minus the RSS at that moment is
+the memory the work itself needs at its peak.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Callable
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def time_and_peak(setup: Callable[[], Callable[[], None]], repeats: int, warmup: int = 1) -> dict:
+    """``setup()`` builds everything and returns the work; returns median seconds and peak MiB."""
+    work = setup()
+    for _ in range(warmup):
+        work()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current RSS
+    baseline = _status_kib("VmRSS")
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        work()
+        times.append(time.perf_counter() - start)
+    times.sort()
+    return {"seconds": times[len(times) // 2], "peak_mib": (_status_kib("VmHWM") - baseline) / 1024.0}
+
+
+def run_isolated(module: str, spec: dict) -> dict:
+    """Run ``python -m module '<spec json>'`` in a fresh process; parse the JSON line it prints last."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    proc = subprocess.run([sys.executable, "-m", module, json.dumps(spec)], capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{module} {spec} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
