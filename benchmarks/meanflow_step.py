@@ -22,8 +22,8 @@ from emf_dist.model import ModelConfig, VelocityNet, parameter_count
 from emf_dist.time_sampling import TimeSamplerConfig
 
 SIZES = {  # 32 x 32 RGB input, patch 2: 256 image tokens; 16 text tokens
+    "tiny": dict(width=96, depth=4, heads=4, batch=16),
     "small": dict(width=192, depth=6, heads=6, batch=16),
-    "medium": dict(width=384, depth=12, heads=6, batch=8),
 }
 
 
@@ -65,9 +65,9 @@ def measure(spec: dict) -> dict:
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args(argv)
-    sizes = ["small"] if args.quick else list(SIZES)
+    sizes = ["tiny"] if args.quick else list(SIZES)
     repeats = 3 if args.quick else 5
     variants = [("flow matching", 0.0), ("MeanFlow, 25% r!=t", 0.25), ("MeanFlow, 75% r!=t", 0.75),
                 ("MeanFlow, 100% r!=t", 1.0)]
@@ -82,6 +82,9 @@ def main(argv: list[str]) -> None:
                     result = run_isolated("benchmarks.meanflow_step", spec)
                     if name not in best or result["seconds"] < best[name]["seconds"]:
                         best[name] = result
+            for name, r_neq_t in variants:  # one step, allocator set up for peak readings
+                spec = dict(size=size, checkpointing=checkpointing, r_neq_t=r_neq_t, repeats=1)
+                best[name]["peak_mib"] = run_isolated("benchmarks.meanflow_step", spec, memory=True)["peak_mib"]
             fm = best["flow matching"]
             label = f"{size} ({fm['params'] / 1e6:.1f} M, batch {SIZES[size]['batch']})"
             for name, _ in variants:

@@ -35,17 +35,17 @@ def _add_demo(subparsers) -> None:
                               description="Generate scenes, encode their captions with the packaged MiniLM, pretrain "
                                           "a flow-matching model, convert it to MeanFlow and fine-tune, export, and "
                                           "write sample grids at 1, 2 and 4 steps next to flow matching.")
-    p.add_argument("config", nargs="?", default=None, help="YAML config (default: the built-in demo)")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. fm_steps=200")
+    p.add_argument("config", nargs="*", metavar="[CONFIG.yaml] [key=value ...]",
+                   help="optional YAML config, then dotted overrides, e.g. fm_train.steps=200")
     p.add_argument("--out", default="emf-demo", help="output folder")
     p.set_defaults(run=_run_demo)
 
 
 def _run_demo(args) -> int:
-    from emf_dist.config import load_config
+    from emf_dist.config import parse_cli
     from emf_dist.demo import DemoConfig, run_demo
 
-    cfg = load_config(DemoConfig, args.config, args.overrides)
+    cfg = parse_cli(DemoConfig, args.config)
     run_demo(cfg, args.out)
     return 0
 

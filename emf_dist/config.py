@@ -185,7 +185,14 @@ def _build_dataclass(cls, value, path, errors, validate):
     kwargs = {}
     for name, field in fields.items():
         if name in value:
-            kwargs[name] = _convert(_hints(cls)[name], value[name], _join(path, name), errors, validate)
+            given = value[name]
+            if isinstance(given, Mapping) and field.default_factory is not dataclasses.MISSING:
+                # A partial mapping overrides the field's own default instance, not the
+                # nested class's defaults: `model.depth=3` keeps the job's other model values.
+                default = field.default_factory()
+                if dataclasses.is_dataclass(default):
+                    given = {**to_dict(default), **given}
+            kwargs[name] = _convert(_hints(cls)[name], given, _join(path, name), errors, validate)
         elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
             errors.append(_problem(_join(path, name), "missing required value"))
     if len(errors) > start:

@@ -41,10 +41,10 @@ class DemoConfig:
     fm_loss: MeanFlowConfig = field(default_factory=lambda: MeanFlowConfig(
         mode="flow_matching", time=TimeSamplerConfig(distribution="logit_normal", mu=0.0, sigma=1.0),
         adaptive_p=0.0))
-    fm_train: LocalTrainConfig = field(default_factory=lambda: LocalTrainConfig(steps=600, batch_size=32, lr=1e-3,
+    fm_train: LocalTrainConfig = field(default_factory=lambda: LocalTrainConfig(steps=400, batch_size=32, lr=1e-3,
                                                                                 log_every=100))
     mf_loss: MeanFlowConfig = field(default_factory=lambda: MeanFlowConfig(time=TimeSamplerConfig.emf()))
-    mf_train: LocalTrainConfig = field(default_factory=lambda: LocalTrainConfig(steps=600, batch_size=32, lr=5e-4,
+    mf_train: LocalTrainConfig = field(default_factory=lambda: LocalTrainConfig(steps=400, batch_size=32, lr=5e-4,
                                                                                 log_every=100))
     prompts: tuple[str, ...] = ("a red circle", "a blue square", "a green triangle", "a yellow circle",
                                 "a photo of a white square", "a magenta triangle", "an orange circle",

@@ -21,6 +21,7 @@ network's own predictions at r = t, so 1-step sampling needs one network evaluat
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -72,9 +73,11 @@ def time_derivative(net: nn.Module, z, r, t, velocity, text: tuple, drop, cfg: M
             ahead = net(z + eps * velocity, r, t + eps, *text, drop)
             behind = net(z - eps * velocity, r, t - eps, *text, drop)
             return (ahead - behind) / (2 * eps)
+        precision = contextlib.nullcontext()
         if cfg.jvp_float32:
             z, r, t, velocity = z.float(), r.float(), t.float(), velocity.float()
-        with torch.autocast(z.device.type, enabled=not cfg.jvp_float32), fwAD.dual_level():
+            precision = torch.autocast(z.device.type, enabled=False)
+        with precision, fwAD.dual_level():
             u = net(fwAD.make_dual(z, velocity), r, fwAD.make_dual(t, torch.ones_like(t)), *text, drop)
             return fwAD.unpack_dual(u).tangent
 

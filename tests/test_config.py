@@ -244,3 +244,19 @@ def test_missing_required_and_multi_union():
     assert from_dict(Required, {"name": "a", "n": "all"}).n == "all"
     with pytest.raises(ConfigError, match=r"n: expected int \| str, got 1.5"):
         from_dict(Required, {"name": "a", "n": 1.5})
+
+
+@dataclass
+class _Inner:
+    a: int = 1
+    b: str = "x"
+
+
+@dataclass
+class _Outer:
+    inner: _Inner = field(default_factory=lambda: _Inner(a=5, b="job default"))
+
+
+def test_partial_override_keeps_the_fields_own_default_instance():
+    cfg = load_config(_Outer, None, ["inner.a=7"])
+    assert cfg.inner == _Inner(a=7, b="job default")
