@@ -65,7 +65,7 @@ def measure(spec: dict) -> dict:
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args(argv)
     sizes = ["tiny"] if args.quick else list(SIZES)
     repeats = 3 if args.quick else 5
@@ -82,9 +82,6 @@ def main(argv: list[str]) -> None:
                     result = run_isolated("benchmarks.meanflow_step", spec)
                     if name not in best or result["seconds"] < best[name]["seconds"]:
                         best[name] = result
-            for name, r_neq_t in variants:  # one step, allocator set up for peak readings
-                spec = dict(size=size, checkpointing=checkpointing, r_neq_t=r_neq_t, repeats=1)
-                best[name]["peak_mib"] = run_isolated("benchmarks.meanflow_step", spec, memory=True)["peak_mib"]
             fm = best["flow matching"]
             label = f"{size} ({fm['params'] / 1e6:.1f} M, batch {SIZES[size]['batch']})"
             for name, _ in variants:

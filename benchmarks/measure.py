@@ -1,9 +1,8 @@
 """Time and peak memory of one piece of work, each measurement in a fresh process.
 
-CPU PyTorch has no allocator peak counter, so peak memory is read from the kernel: a memory
-run uses glibc's mmap threshold fixed at 64 KiB, so every tensor of note is its own mapping
+CPU PyTorch has no allocator peak counter, so peak memory is read from the kernel: the child
+runs with glibc's mmap threshold fixed at 64 KiB, so every tensor of note is its own mapping
 and freeing it lowers RSS (by default the threshold grows and freed memory stays resident).
-That makes every allocation a system call, so time is measured in separate runs without it.
 After the warm-up runs (optimizer state exists, caches are built) the peak-RSS mark is reset
 through /proc/self/clear_refs; the peak of the measured runs minus the RSS at that moment is
 the memory the work itself needs at its peak.
@@ -44,11 +43,9 @@ def time_and_peak(setup: Callable[[], Callable[[], None]], repeats: int, warmup:
     return {"seconds": times[len(times) // 2], "peak_mib": (_status_kib("VmHWM") - baseline) / 1024.0}
 
 
-def run_isolated(module: str, spec: dict, memory: bool = False) -> dict:
-    """Run ``python -m module '<spec json>'`` in a fresh process; parse the JSON line it prints last.
-
-    ``memory=True`` sets the allocator up for peak-memory readings (and slows it down)."""
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536") if memory else dict(os.environ)
+def run_isolated(module: str, spec: dict) -> dict:
+    """Run ``python -m module '<spec json>'`` in a fresh process; parse the JSON line it prints last."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     proc = subprocess.run([sys.executable, "-m", module, json.dumps(spec)], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"{module} {spec} failed:\n{proc.stderr[-2000:]}")
