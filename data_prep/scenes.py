@@ -276,6 +276,11 @@ def _position_layout(rng: np.random.Generator, sizes: list[int], res: int, relat
     return boxes if a_first else boxes[::-1]
 
 
+def scene_key(split: str, index: int) -> str:
+    """The key of scene ``index`` of ``split``: unique across splits, free of dots."""
+    return f"scene-{split}-{index:09d}"
+
+
 def make_scene(cfg: SceneConfig, index: int, split: str = "train") -> Scene:
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {sorted(SPLITS)}")
@@ -298,7 +303,7 @@ def make_scene(cfg: SceneConfig, index: int, split: str = "train") -> Scene:
     objects = [{"shape": s, "color": c, "bbox": b} for (c, s), b in zip(pairs, boxes)]
     caption = prompt_for(task, objects, relation, _randint(rng, 0, len(TEMPLATES[task])))
     return Scene(render(objects, cfg.resolution), caption, task, objects,
-                 key=f"scene-{split}-{index:09d}", relation=relation, split=split, index=index)
+                 key=scene_key(split, index), relation=relation, split=split, index=index)
 
 
 def iter_scenes(cfg: SceneConfig, start: int, stop: int, split: str = "train") -> Iterator[Scene]:

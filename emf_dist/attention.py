@@ -13,11 +13,18 @@ Tangent of softmax attention, with s the 1/sqrt(d) scale:
     dO = dP v + P dv = (P * dS) v - rowsum(P * dS) * O + P dv
 
 Masked keys have P = 0, so they contribute nothing to either term.
+
+On CUDA the JVP pass uses the same tangent fused into one Triton kernel
+(``emf_dist.triton_attention``) when triton is installed; ``jvp_backend`` forces either path.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import importlib.util
 import math
+from typing import Literal
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -26,6 +33,25 @@ import torch.nn.functional as F
 # Score-matrix elements per query block in the JVP pass (float32: 4 bytes each). Four such
 # temporaries live at once, so 8M elements keep the pass under ~128 MiB whatever N is.
 JVP_BLOCK_ELEMENTS = 8 * 1024 * 1024
+
+JvpBackend = Literal["auto", "triton", "blockwise"]
+# "auto": the fused Triton kernel for CUDA tensors when triton is installed and no gradient is
+# needed through the result (the kernel has no backward), the blockwise tangent otherwise.
+_jvp_backend: JvpBackend = "auto"
+
+
+@contextlib.contextmanager
+def jvp_backend(name: JvpBackend):
+    """Force how ``attention`` computes tangents inside the block: "triton" (CPU tensors need
+    Triton's interpreter, see emf_dist.triton_attention), "blockwise", or "auto"."""
+    global _jvp_backend
+    if name not in ("auto", "triton", "blockwise"):
+        raise ValueError(f"unknown JVP attention backend {name!r}")
+    previous, _jvp_backend = _jvp_backend, name
+    try:
+        yield
+    finally:
+        _jvp_backend = previous
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -39,8 +65,34 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch
     if dq is None and dk is None and dv is None:
         mask = None if key_mask is None else key_mask[:, None, None, :]
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    out, tangent = attention_with_tangent(q_p, k_p, v_p, dq, dk, dv, key_mask)
+    inputs = (q_p, k_p, v_p, dq, dk, dv)
+    tangent_fn = _fused_jvp_attention() if _use_fused(inputs) else attention_with_tangent
+    out, tangent = tangent_fn(*inputs, key_mask)
     return fwAD.make_dual(out, tangent)
+
+
+def _use_fused(inputs) -> bool:
+    q = inputs[0]
+    needs_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in inputs)
+    if _jvp_backend == "triton":
+        if needs_grad:
+            raise RuntimeError("the fused JVP attention has no backward: run the JVP pass under torch.no_grad()")
+        return True
+    if _jvp_backend == "blockwise" or needs_grad:
+        return False
+    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16, torch.float32) and _triton_installed()
+
+
+@functools.cache
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _fused_jvp_attention():
+    # Imported where first used, so that CPU runs never import triton.
+    from emf_dist.triton_attention import jvp_attention
+
+    return jvp_attention
 
 
 def attention_with_tangent(q, k, v, dq, dk, dv, key_mask=None, block_size: int | None = None):

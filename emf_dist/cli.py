@@ -50,11 +50,146 @@ def _run_demo(args) -> int:
     return 0
 
 
+def _add_prep(subparsers) -> None:
+    p = subparsers.add_parser("prep", help="shard image-text data into WebDataset tars with precomputed text embeddings",
+                              description="Read a source (generated scenes by default, or a folder of images with "
+                                          "captions, parquet/JSONL tables, WebDataset tars), encode captions (and "
+                                          "optionally images to VAE latents) on Ray Data, and write shards plus a "
+                                          "manifest to a local folder or any fsspec URL (s3://...). Rerunning "
+                                          "finishes an interrupted run; new source items become the next version. "
+                                          "Object-store credentials and endpoint come from the environment "
+                                          "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL).")
+    p.add_argument("config", nargs="*", metavar="[CONFIG.yaml] [key=value ...]",
+                   help="optional YAML config (data_prep/config.py: PrepConfig), then dotted overrides, "
+                        "e.g. out=s3://bucket/scenes source.count=100000")
+    p.add_argument("--strict", action="store_true",
+                   help="stop at the first bad input item with an error naming it, instead of skipping and counting")
+    p.set_defaults(run=_run_prep)
+
+
+def _run_prep(args) -> int:
+    from data_prep.config import PrepConfig
+    from data_prep.items import PrepError
+    from data_prep.job import run_prep
+    from emf_dist.config import parse_cli
+
+    cfg = parse_cli(PrepConfig, list(args.config) + (["strict=true"] if args.strict else []))
+    try:
+        run_prep(cfg)
+    except PrepError as err:  # bad input under --strict, an interrupted pipeline: a message, no traceback
+        print(f"emf prep: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _add_train(subparsers) -> None:
+    p = subparsers.add_parser("train", help="distributed MeanFlow / flow-matching training on Ray Train + DeepSpeed",
+                              description="Check the config, the dataset manifest and the text encoder on this machine, "
+                                          "then train on Ray (the cluster in RAY_ADDRESS, else a local instance) with "
+                                          "one DeepSpeed ZeRO engine per worker. Rerunning with the same name resumes "
+                                          "from the latest checkpoint. The EMA weights are exported to "
+                                          "<storage_path>/<name>/export at the end.")
+    p.add_argument("config", nargs="*", metavar="[CONFIG.yaml] [key=value ...]",
+                   help="optional YAML config (emf_dist/train_config.py: TrainConfig), then dotted overrides, "
+                        "e.g. data.url=s3://bucket/scenes zero.stage=3 scaling.num_workers=8")
+    p.set_defaults(run=_run_train)
+
+
+def _run_train(args) -> int:
+    from emf_dist.config import parse_cli
+    from emf_dist.train import train
+    from emf_dist.train_config import TrainConfig
+
+    result = train(parse_cli(TrainConfig, args.config))
+    print(f"trained {result.metrics.get('step')} steps; last checkpoint {result.checkpoint}; "
+          f"exported model {result.export}")
+    return 0
+
+
+def _add_eval(subparsers) -> None:
+    p = subparsers.add_parser("eval", help="evaluate text encoders and models; write a report folder",
+                              description="Text-encoder selection (discriminability, disentanglement), the GenEval-style "
+                                          "compositional benchmark across step counts, exports in the official GenEval "
+                                          "and DPG-Bench layouts. Configs: emf_dist/eval/run.py (EvalConfig) and "
+                                          "emf_dist/eval/encoders.py (EncoderEvalConfig).")
+    sub = p.add_subparsers(dest="eval_command", metavar="EVAL_COMMAND", required=True)
+    config_help = "optional YAML config, then dotted overrides, e.g. benchmark.prompts_per_task=4"
+    enc = sub.add_parser("encoders", help="rank text encoders against reference baselines")
+    enc.add_argument("config", nargs="*", metavar="[CONFIG.yaml] [key=value ...]", help=config_help)
+    enc.add_argument("--out", default="emf-eval-encoders", help="report folder")
+    enc.add_argument("--device", default="cpu")
+    bench = sub.add_parser("benchmark", help="compositional benchmark: MeanFlow 1-8 steps vs flow matching 1-32 steps")
+    bench.add_argument("config", nargs="*", metavar="[CONFIG.yaml] [key=value ...]", help=config_help)
+    bench.add_argument("--model", required=True, help="exported model folder (MeanFlow or flow matching)")
+    bench.add_argument("--baseline", default=None, help="a second exported model, e.g. the flow-matching parent")
+    bench.add_argument("--out", default="emf-eval", help="report folder")
+    for name, what in (("export-geneval", "GenEval"), ("export-dpg", "DPG-Bench")):
+        e = sub.add_parser(name, help=f"write generated images in the official {what} layout")
+        e.add_argument("--model", required=True, help="exported model folder")
+        e.add_argument("--out", required=True, help="output folder")
+        if name == "export-geneval":
+            e.add_argument("--metadata", default=None,
+                           help="your copy of GenEval's prompts/evaluation_metadata.jsonl (default: our scene prompts "
+                                "in its format, scorable with `emf eval score-geneval`)")
+            e.add_argument("--images-per-prompt", type=int, default=4)
+        else:
+            e.add_argument("--prompts", required=True, help="your copy of DPG-Bench's dpg_bench/prompts folder")
+        e.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's own)")
+        e.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the model's own)")
+        e.add_argument("--seed", type=int, default=0)
+        e.add_argument("--upscale", type=int, default=1, help="enlarge images by this factor (nearest neighbour)")
+    score = sub.add_parser("score-geneval", help="score a GenEval-layout folder of scene prompts with the scene detector")
+    score.add_argument("folder")
+    p.set_defaults(run=_run_eval)
+
+
+def _run_eval(args) -> int:
+    from emf_dist.config import parse_cli
+    from emf_dist.eval import export_layouts as layouts
+    from emf_dist.eval.encoders import EncoderEvalConfig
+    from emf_dist.eval.run import EvalConfig, run_benchmark_job, run_encoder_job
+
+    if args.eval_command == "encoders":
+        run_encoder_job(parse_cli(EncoderEvalConfig, args.config), args.out, args.device)
+    elif args.eval_command == "benchmark":
+        dirs = {"model": args.model, **({"baseline": args.baseline} if args.baseline else {})}
+        run_benchmark_job(dirs, parse_cli(EvalConfig, args.config), args.out)
+    elif args.eval_command == "export-geneval":
+        metadata = layouts.read_geneval_metadata(args.metadata) if args.metadata else None
+        layouts.export_geneval(args.model, metadata, args.out, images_per_prompt=args.images_per_prompt,
+                               steps=args.steps, guidance=args.guidance, seed=args.seed, upscale=args.upscale)
+        print(f"wrote {args.out}; score with GenEval's evaluation/evaluate_images.py {args.out}"
+              + ("" if args.metadata else f", or here with `emf eval score-geneval {args.out}`"))
+    elif args.eval_command == "export-dpg":
+        size = layouts.export_dpg(args.model, layouts.read_dpg_prompts(args.prompts), args.out, steps=args.steps,
+                                  guidance=args.guidance, seed=args.seed, upscale=args.upscale)
+        print(f"wrote {args.out}; score with DPG-Bench's dpg_bench/dist_eval.sh {args.out} {size}")
+    else:  # score-geneval
+        result = layouts.score_geneval_folder(args.folder)
+        for tag, acc in result["tasks"].items():
+            print(f"{tag:<16} {acc:.3f}")
+        print(f"overall (mean over tasks) {result['overall']:.3f}")
+    return 0
+
+
+def _add_operations(subparsers) -> None:
+    # `emf cluster|submit` and `emf pipeline|retrain` are defined beside their code, in cluster/ and pipelines/.
+    from cluster.commands import add_parsers as add_cluster_parsers
+    from pipelines.commands import add_parsers as add_pipeline_parsers
+
+    add_cluster_parsers(subparsers)
+    add_pipeline_parsers(subparsers)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="emf", description="emf-dist: one-step text-to-image with MeanFlow")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_generate(subparsers)
     _add_demo(subparsers)
+    _add_prep(subparsers)
+    _add_train(subparsers)
+    _add_eval(subparsers)
+    _add_operations(subparsers)
     return parser
 
 

@@ -22,6 +22,7 @@ network's own predictions at r = t, so 1-step sampling needs one network evaluat
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -121,15 +122,17 @@ class MeanFlowLoss:
 
         target = v
         jvp_rows = (r != t).nonzero().squeeze(1)
+        jvp_start = time.perf_counter()
         if len(jvp_rows):
             rows = lambda a: a.index_select(0, jvp_rows)  # noqa: E731
             du_dt = time_derivative(net, rows(z), rows(r), rows(t), rows(v), tuple(map(rows, text)), rows(drop), cfg)
             gap = rows(t) - rows(r)
             target = v.index_add(0, jvp_rows, -expand(gap) * du_dt.to(v.dtype))
+        jvp_seconds = time.perf_counter() - jvp_start  # host time: on CUDA only meaningful after a sync
 
         u = model(z, r, t, *text, drop)
         precision = torch.promote_types(u.dtype, torch.float32)  # reduce bf16 outputs in float32
         err = (u.to(precision) - target.detach().to(precision)).pow(2).flatten(1).mean(1)
         weight = (err.detach() + cfg.adaptive_c).pow(-cfg.adaptive_p)
         loss = (weight * err).mean()
-        return loss, {"mse": err.mean().detach(), "jvp_rows": len(jvp_rows)}
+        return loss, {"mse": err.mean().detach(), "jvp_rows": len(jvp_rows), "jvp_seconds": jvp_seconds}

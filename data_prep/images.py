@@ -1,0 +1,128 @@
+"""Image handling: decode -> RGB -> resize the shorter side -> center crop; PNG bytes; VAE latents.
+
+Decoding and resizing run in the loader actors (CPU); latents run in the encoder actors,
+next to the text encoder, so the VAE also loads once per actor and uses its GPU.
+"""
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from emf_dist.manifest import IMAGE_MEMBERS
+
+
+@dataclass
+class ImageConfig:
+    # "png" or "uint8" store pixels; "latent" stores VAE latents (needs vae).
+    kind: Literal["png", "uint8", "latent"] = "png"
+    # Images are resized (shorter side) and center-cropped to this square size.
+    resolution: int = 32
+    # latent: a local folder holding a diffusers AutoencoderKL (config.json + weights).
+    vae: str | None = None
+    # latent: multiply latents by this; None takes the VAE config's scaling_factor.
+    vae_scale_factor: float | None = None
+    # latent: images per VAE forward pass.
+    vae_batch_size: int = 32
+
+    def validate(self) -> list[str]:
+        problems = []
+        if self.kind not in IMAGE_MEMBERS:
+            problems.append(f"kind must be one of {sorted(IMAGE_MEMBERS)}, got {self.kind!r}")
+        if self.resolution < 8:
+            problems.append(f"resolution must be >= 8, got {self.resolution}")
+        if self.kind == "latent" and not self.vae:
+            problems.append("kind 'latent' needs vae: a folder holding a diffusers AutoencoderKL")
+        if self.kind == "latent" and self.vae and not os.path.isdir(os.path.expanduser(self.vae)):
+            problems.append(f"vae {self.vae!r} is not a folder (save one with AutoencoderKL.save_pretrained)")
+        if self.kind != "latent" and self.vae:
+            problems.append(f"vae is set but kind is {self.kind!r}: use kind=latent to store latents")
+        if self.vae_batch_size < 1:
+            problems.append("vae_batch_size must be >= 1")
+        return problems
+
+
+def decode(data: bytes | np.ndarray, resolution: int) -> np.ndarray:
+    """uint8 [resolution, resolution, 3]; raises ValueError when the data is not a usable image."""
+    if isinstance(data, np.ndarray):
+        return _fit_array(data, resolution)
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            if img.format == "JPEG":  # decode at reduced scale when much larger: several times faster
+                img.draft("RGB", (resolution, resolution))
+            rgb = img.convert("RGB")  # forces the full decode: truncated files fail here
+    except Exception as e:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
+        raise ValueError(f"not a readable image: {type(e).__name__}: {e}") from None
+    return _fit(rgb, resolution)
+
+
+def _fit(img: Image.Image, resolution: int) -> np.ndarray:
+    if img.size != (resolution, resolution):
+        img = ImageOps.fit(img, (resolution, resolution), method=Image.Resampling.BICUBIC, centering=(0.5, 0.5))
+    return np.asarray(img, dtype=np.uint8)
+
+
+def _fit_array(array: np.ndarray, resolution: int) -> np.ndarray:
+    if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] not in (1, 3, 4):
+        raise ValueError(f"not an image array: dtype {array.dtype}, shape {list(array.shape)} "
+                         "(expected uint8 [H, W, 1|3|4])")
+    if array.shape == (resolution, resolution, 3):
+        return array
+    mode = {1: "L", 3: "RGB", 4: "RGBA"}[array.shape[2]]
+    return _fit(Image.fromarray(array.squeeze(2) if mode == "L" else array, mode).convert("RGB"), resolution)
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    # Level 1: small images compress nearly as well, and it is several times faster than 6.
+    Image.fromarray(image).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------- latents
+
+def load_vae(path: str, device: str = "cpu") -> Any:
+    """A diffusers AutoencoderKL from a local folder, in float32, eval mode."""
+    try:
+        from diffusers import AutoencoderKL
+    except ImportError:
+        raise ValueError("image.kind=latent needs diffusers (pip install diffusers)") from None
+    folder = os.path.expanduser(path)
+    try:
+        vae = AutoencoderKL.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"could not load a diffusers AutoencoderKL from {folder}: {e}") from e
+    return vae.to(device=device, dtype=_torch().float32).eval()
+
+
+def vae_scale_factor(vae: Any, override: float | None) -> float:
+    if override is not None:
+        return float(override)
+    factor = getattr(vae.config, "scaling_factor", None)
+    if factor is None:
+        raise ValueError("the VAE config has no scaling_factor: set image.vae_scale_factor")
+    return float(factor)
+
+
+def encode_latents(vae: Any, images: np.ndarray, scale_factor: float, batch_size: int) -> np.ndarray:
+    """uint8 [N, H, W, 3] -> float16 [N, C, h, w]: the posterior mean (deterministic, so reruns
+    of a shard give the same bytes) times the scale factor, as diffusion trainers consume it."""
+    torch = _torch()
+    device = next(vae.parameters()).device
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(images), batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(images[i:i + batch_size])).to(device)
+            x = x.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+            latent = vae.encode(x).latent_dist.mean * scale_factor
+            out.append(latent.to(torch.float16).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0,), np.float16)
+
+
+def _torch():
+    import torch  # loaders never need torch: import it only where latents are made
+    return torch

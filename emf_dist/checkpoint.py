@@ -1,0 +1,107 @@
+"""Training checkpoints: DeepSpeed's own shards plus our state, loaded without unpickling code.
+
+A checkpoint folder (one per reported step, in the run's storage) holds:
+
+    latest, ds/...                 DeepSpeed's checkpoint (tag "ds"): every rank's ZeRO shard;
+                                   DeepSpeed's zero_to_fp32 consolidates it as usual
+    ema.safetensors                the EMA weights (rank 0)
+    state_rank<R>.safetensors      per rank: its sampling RNG state, and as metadata the step,
+                                   the data position and the fault counters (JSON)
+    train_config.json              the run's config (rank 0), for people and tools
+
+DeepSpeed loads its files with ``torch.load(weights_only=False)``. ``safe_torch_load`` forces
+``weights_only=True`` for the duration of a load and allowlists only the few plain data
+classes DeepSpeed stores (loss-scaler settings, the ZeRO stage enum, fragment addresses), so
+a tampered checkpoint cannot run code.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from emf_dist.ema import EMA
+
+DS_TAG = "ds"
+
+
+def _deepspeed_safe_globals() -> list:
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+@contextlib.contextmanager
+def safe_torch_load():
+    """Every torch.load inside runs with weights_only=True (DeepSpeed calls it by attribute)."""
+    original = torch.load
+
+    def load(*args, **kwargs):
+        kwargs["weights_only"] = True
+        return original(*args, **kwargs)
+
+    with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+        torch.load = load
+        try:
+            yield
+        finally:
+            torch.load = original
+
+
+def save_checkpoint(folder: str, engine, ema: EMA | None, rank: int, state: dict, generator: torch.Generator,
+                    config: dict | None = None) -> None:
+    """Write this rank's part of a checkpoint into ``folder`` (a local folder per rank)."""
+    engine.save_checkpoint(folder, tag=DS_TAG)
+    save_file({"generator": generator.get_state()}, os.path.join(folder, f"state_rank{rank}.safetensors"),
+              metadata={"state": json.dumps(state)})
+    if rank == 0:
+        if ema is not None:
+            save_file({k: v.contiguous() for k, v in ema.shadow.items()}, os.path.join(folder, "ema.safetensors"),
+                      metadata={"decay": str(ema.decay), "updates": str(ema.updates)})
+        if config is not None:
+            with open(os.path.join(folder, "train_config.json"), "w") as f:
+                json.dump(config, f, indent=1)
+
+
+def load_checkpoint(folder: str, engine, ema: EMA | None, rank: int, generator: torch.Generator) -> dict:
+    """Restore engine, EMA and RNG from ``folder``; returns the saved state (step, data position, ...)."""
+    state_file = os.path.join(folder, f"state_rank{rank}.safetensors")
+    if not os.path.exists(state_file):
+        raise FileNotFoundError(f"checkpoint {folder} has no state for rank {rank}: it was written by fewer "
+                                "workers; resume with the same scaling.num_workers")
+    with safe_torch_load():
+        path, _ = engine.load_checkpoint(folder, tag=DS_TAG)
+    if path is None:
+        raise FileNotFoundError(f"DeepSpeed found no checkpoint under {folder}/{DS_TAG}")
+    tensors = load_file(state_file)
+    generator.set_state(tensors["generator"])
+    if ema is not None:
+        load_ema(folder, ema)
+    from safetensors import safe_open
+    with safe_open(state_file, "pt") as f:
+        return json.loads(f.metadata()["state"])
+
+
+def load_ema(folder: str, ema: EMA) -> None:
+    from safetensors import safe_open
+    path = os.path.join(folder, "ema.safetensors")
+    with safe_open(path, "pt") as f:
+        meta = f.metadata()
+    ema.load_state_dict({"decay": float(meta["decay"]), "updates": int(meta["updates"]), "shadow": load_file(path)})
+
+
+def consolidated_weights(folder: str) -> dict[str, torch.Tensor]:
+    """Full float32 weights of a checkpoint: DeepSpeed's own zero_to_fp32 for ZeRO 1-3 shards;
+    stage 0 keeps the whole model in mp_rank_00_model_states.pt already."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    whole_model = os.path.join(folder, DS_TAG, "mp_rank_00_model_states.pt")
+    with safe_torch_load():
+        if os.path.exists(whole_model):
+            states = torch.load(whole_model, map_location="cpu")
+            if states.get("param_shapes") is None:  # not partitioned: ZeRO stage 0
+                return {k: v.float() for k, v in states["module"].items()}
+        return get_fp32_state_dict_from_zero_checkpoint(folder, tag=DS_TAG)

@@ -1,0 +1,67 @@
+"""One DeepSpeed engine per worker, built from the typed TrainConfig.
+
+The model and the loss stay plain PyTorch; this file only wraps them: ZeRO stage, gradient
+accumulation, clipping, AdamW and the learning-rate schedule. Weights stay float32 inside
+DeepSpeed; on GPU the worker runs the gradient pass under bf16 autocast instead of DeepSpeed's
+bf16 mode, so the JVP pass can run in float32 on the same weights without copying the model
+(FINDINGS.md #12). The optimizer and scheduler are torch objects handed to DeepSpeed, so the same
+config runs on CPU (gloo) and GPU (NCCL) without DeepSpeed's CUDA-only fused optimizers.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import torch.nn as nn
+
+from emf_dist.train_config import TrainConfig
+
+
+def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
+    zero = {"stage": cfg.zero.stage, "overlap_comm": cfg.zero.overlap_comm,
+            "contiguous_gradients": cfg.zero.contiguous_gradients, "reduce_scatter": cfg.zero.reduce_scatter}
+    if cfg.zero.stage == 3:
+        # Its custom linear Function has no forward-mode rule; plain F.linear does (FINDINGS.md #4).
+        zero["memory_efficient_linear"] = False
+    return {
+        "train_micro_batch_size_per_gpu": cfg.micro_batch,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "train_batch_size": cfg.micro_batch * cfg.grad_accum * world_size,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": False},  # see the module docstring: bf16 comes from autocast
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then constant / cosine / linear decay to min_lr_ratio at the last step."""
+    o = cfg.optim
+    if step < o.warmup_steps:
+        return (step + 1) / o.warmup_steps
+    if o.decay == "constant":
+        return 1.0
+    progress = min(1.0, (step - o.warmup_steps) / max(1, cfg.steps - o.warmup_steps))
+    shape = 0.5 * (1 + math.cos(math.pi * progress)) if o.decay == "cosine" else 1 - progress
+    return o.min_lr_ratio + (1 - o.min_lr_ratio) * shape
+
+
+def build_engine(model: nn.Module, cfg: TrainConfig, world_size: int, on_gpu: bool):
+    """deepspeed.initialize over the trainable parameters; torch.distributed must already be up."""
+    if not on_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+                                  weight_decay=cfg.optim.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, optimizer=optimizer,
+                                           lr_scheduler=schedule, config=deepspeed_config(cfg, world_size),
+                                           dist_init_required=False)
+    if cfg.zero.stage == 3 and cfg.objective.mode != "flow_matching" and cfg.objective.jvp == "forward_ad":
+        from emf_dist.zero3_forward_ad import enable_forward_ad
+        enable_forward_ad(engine.module)
+    return engine

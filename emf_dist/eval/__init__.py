@@ -1,0 +1,15 @@
+"""Evaluation: which text encoder to use, how well a model follows prompts, and a report.
+
+One concern per file:
+
+    detector.py        objects in a generated scene image, scored against GenEval-style clauses
+    benchmark.py       the compositional benchmark: prompts per task, a steps-vs-quality sweep
+    sampling.py        batched, seeded generation with a progress bar (benchmark and exports)
+    encoders.py        text-encoder discriminability and disentanglement, the selection decision
+    baselines.py       reference encoders for that ranking (hashed bag of words, random init)
+    backbone.py        a `transformers` vision model from a folder, as an image feature extractor
+    frechet.py         Frechet distance on a backbone's features, named after the backbone
+    export_layouts.py  generated images in the official GenEval and DPG-Bench folder layouts
+    report.py          one folder per evaluation: report.md, metrics.json, grids, plot
+    run.py             `emf eval ...`: configs and the jobs that tie the pieces together
+"""

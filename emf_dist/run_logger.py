@@ -1,0 +1,84 @@
+"""What a training run shows people: a progress line, wandb, and 1-step sample grids.
+
+Only rank 0 writes. wandb's run id is the run name, so a resumed run continues the same
+wandb run; with no WANDB_API_KEY in the environment it logs offline (``wandb sync`` later).
+The key is read by wandb itself from the environment and never passes through our config.
+Sample grids go to ``<storage>/<name>/samples/step_XXXXXXXX.png`` (and to wandb).
+"""
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+import time
+
+import torch
+
+from emf_dist import storage
+from emf_dist.generate import image_grid, to_uint8
+from emf_dist.samplers import sample
+from emf_dist.train_config import TrainConfig
+
+
+def wandb_mode(setting: str) -> str:
+    if setting == "auto":
+        return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+    return setting
+
+
+class RunLogger:
+    def __init__(self, cfg: TrainConfig, rank: int, sample_text: dict | None, resumed_at: int):
+        self.cfg, self.rank, self.sample_text = cfg, rank, sample_text
+        self.start, self.start_step = time.perf_counter(), resumed_at
+        self.wandb = None
+        if rank == 0 and wandb_mode(cfg.logging.wandb) != "disabled":
+            import wandb
+            from emf_dist.config import to_dict
+            self.wandb = wandb.init(project=cfg.logging.wandb_project, name=cfg.name, id=cfg.name, resume="allow",
+                                    mode=wandb_mode(cfg.logging.wandb), config=to_dict(cfg),
+                                    dir=tempfile.mkdtemp(prefix="emf-wandb-"))
+
+    def log(self, metrics: dict) -> None:
+        if self.rank != 0:
+            return
+        step, total = metrics["step"], self.cfg.steps
+        rate = (step - self.start_step) / max(time.perf_counter() - self.start, 1e-9)
+        eta = (total - step) / rate if rate > 0 else float("inf")
+        print(f"step {step}/{total}  loss {metrics['loss']:.4f}  grad {metrics['grad_norm']:.3f}  "
+              f"lr {metrics['lr']:.2e}  {metrics['samples_per_s']:.1f} samples/s  jvp {metrics['jvp_share']:.0%}  "
+              f"{rate:.2f} steps/s  eta {eta:.0f}s", flush=True)
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+
+    @torch.no_grad()
+    def sample_grid(self, model: torch.nn.Module, step: int) -> None:
+        """1-step samples for the fixed prompts (all ranks call this: ZeRO-3 gathers collectively)."""
+        if not self.sample_text:
+            return
+        device = next(model.parameters()).device
+        tokens, mask, pooled = (torch.tensor(self.sample_text[k], device=device) for k in ("tokens", "mask", "pooled"))
+        cfg = model.cfg
+        noise = torch.randn(len(tokens), cfg.in_channels, cfg.input_size, cfg.input_size,
+                            generator=torch.Generator(device).manual_seed(0), device=device)
+        was_training = model.training
+        model.eval()
+        images = sample(model, noise, tokens.float(), mask.bool(), pooled.float(), steps=1,
+                        mean_flow=self.cfg.mode != "flow_matching")
+        model.train(was_training)
+        if self.rank != 0 or cfg.in_channels != 3:
+            return
+        from PIL import Image
+        picture = Image.fromarray(image_grid(to_uint8(images.float().cpu())))
+        buffer = io.BytesIO()
+        picture.save(buffer, format="PNG")
+        path = storage.join(self.cfg.storage_path, self.cfg.name, "samples", f"step_{step:08d}.png")
+        fs, inner = storage.filesystem(path)
+        fs.makedirs(os.path.dirname(inner), exist_ok=True)
+        fs.pipe(inner, buffer.getvalue())
+        if self.wandb is not None:
+            import wandb
+            self.wandb.log({"samples_1step": wandb.Image(picture)}, step=step)
+
+    def finish(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()

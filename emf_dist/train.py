@@ -1,0 +1,126 @@
+"""`emf train`: check everything on the driver, then run Ray Train's TorchTrainer.
+
+Before any worker starts: the config is typed and validated (emf_dist.config), the dataset's
+manifest is read and its shapes are checked against the model, and the encoder named in the
+config is fingerprinted and compared with the one that encoded the shards. Then Ray Train
+runs emf_dist.train_worker on every rank; at the end the EMA weights of the last checkpoint
+are exported (safetensors + emf_model.json) to ``<storage>/<name>/export``.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, replace
+
+from emf_dist import storage
+from emf_dist.config import to_dict
+from emf_dist.manifest import Manifest, check_compatible, read_manifest
+from emf_dist.text_encoder import TextEncoder, check_fingerprint
+from emf_dist.train_config import TrainConfig
+
+
+@dataclass
+class TrainResult:
+    checkpoint: str        # storage URL of the last checkpoint
+    export: str            # storage URL of the exported EMA model
+    metrics: dict
+
+
+def resolve_model(cfg: TrainConfig) -> TrainConfig:
+    """Fine-tuning takes the architecture of the exported FM parent (converted to dual time embedding)."""
+    if cfg.mode != "meanflow_finetune":
+        return cfg
+    from emf_dist.export import read_export_info
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = cfg.init_from
+        if storage.is_remote(folder):
+            fs, path = storage.filesystem(folder)
+            fs.get(f"{path.rstrip('/')}/emf_model.json", os.path.join(tmp, "emf_model.json"))
+            folder = tmp
+        parent = read_export_info(folder).model
+    if parent.time_embedding != "single":
+        raise ValueError(f"init_from {cfg.init_from} is already a MeanFlow model (dual time embedding); "
+                         "fine-tune from a flow-matching export")
+    model = replace(parent, time_embedding="dual", checkpointing=cfg.model.checkpointing)
+    return replace(cfg, model=model)
+
+
+def check_data(cfg: TrainConfig) -> tuple[Manifest, TextEncoder]:
+    """Manifest shapes vs the model, shard encoder vs the configured encoder: clear errors, both sides named."""
+    manifest = read_manifest(cfg.data.url, storage.storage_options(cfg.data.url))
+    check_compatible(manifest, text_dim=cfg.model.text_dim, text_length=cfg.data.text_length,
+                     in_channels=cfg.model.in_channels, input_size=cfg.model.input_size, where=cfg.data.url)
+    encoder = TextEncoder(cfg.encoder)
+    check_fingerprint(manifest.encoder, encoder.fingerprint(), what_expected=f"the shards ({cfg.data.url})",
+                      what_actual="the training config's encoder")
+    return manifest, encoder
+
+
+def encode_sample_prompts(cfg: TrainConfig, encoder: TextEncoder) -> dict | None:
+    if not cfg.logging.sample_every:
+        return None
+    encoded = encoder.encode(list(cfg.logging.sample_prompts))
+    return {"tokens": encoded.tokens.float().tolist(), "mask": encoded.mask.tolist(),
+            "pooled": encoded.pooled.float().tolist()}
+
+
+def _trainer(cfg: TrainConfig, sample_text: dict | None):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from emf_dist.train_worker import train_worker
+    resources = {"CPU": cfg.scaling.cpus_per_worker}
+    if cfg.scaling.use_gpu:
+        resources["GPU"] = cfg.scaling.gpus_per_worker
+    storage_path, filesystem = storage.ray_storage(cfg.storage_path)
+    env = {} if cfg.scaling.use_gpu else {"DS_ACCELERATOR": "cpu"}
+    return TorchTrainer(
+        train_worker,
+        train_loop_config={"train": to_dict(cfg), "sample_text": sample_text},
+        scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(name=cfg.name, storage_path=storage_path, storage_filesystem=filesystem,
+                             failure_config=FailureConfig(max_failures=cfg.faults.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+                             worker_runtime_env={"env_vars": env}),
+    )
+
+
+def export_checkpoint(cfg: TrainConfig, encoder: TextEncoder, checkpoint, manifest: Manifest) -> str:
+    """EMA weights of ``checkpoint`` -> an export folder in the run's storage."""
+    from emf_dist.checkpoint import load_ema
+    from emf_dist.ema import EMA
+    from emf_dist.export import ExportInfo, SamplingInfo, export_model
+    from emf_dist.model import VelocityNet
+    model = VelocityNet(cfg.model)
+    ema = EMA(model, cfg.ema_decay)
+    with checkpoint.as_directory() as folder:
+        load_ema(folder, ema)
+    ema.copy_to(model)
+    mean_flow = cfg.mode != "flow_matching"
+    info = ExportInfo(model=cfg.model, text_encoder=cfg.encoder, encoder_fingerprint=encoder.fingerprint(),
+                      sampling=SamplingInfo(mean_flow=mean_flow, steps=1 if mean_flow else 32),
+                      training={"run": cfg.name, "steps": cfg.steps, "mode": cfg.mode, "data": cfg.data.url,
+                                "manifest_version": manifest.version})
+    target = storage.join(cfg.storage_path, cfg.name, "export")
+    if not storage.is_remote(target):
+        return export_model(model, info, target)
+    with tempfile.TemporaryDirectory() as tmp:
+        export_model(model, info, os.path.join(tmp, "export"))
+        fs, path = storage.filesystem(target)
+        fs.put(os.path.join(tmp, "export"), path.rstrip("/"), recursive=True)
+    return target
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    import ray
+    cfg = resolve_model(cfg)
+    manifest, encoder = check_data(cfg)
+    sample_text = encode_sample_prompts(cfg, encoder)
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+    result = _trainer(cfg, sample_text).fit()
+    if result.error is not None:
+        raise result.error
+    export = export_checkpoint(cfg, encoder, result.checkpoint, manifest)
+    return TrainResult(checkpoint=result.checkpoint.path, export=export, metrics=result.metrics or {})

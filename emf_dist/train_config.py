@@ -1,0 +1,133 @@
+"""The typed config of a distributed training run (`emf train CONFIG [overrides]`).
+
+Everything is checked here, on the driver, before Ray starts a worker: field types (by
+emf_dist.config), batch arithmetic, ZeRO options, and (in train.py) the dataset's manifest
+against the model and encoder.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from emf_dist.meanflow import MeanFlowConfig
+from emf_dist.model import ModelConfig
+from emf_dist.text_encoder import TextEncoderConfig
+from emf_dist.time_sampling import TimeSamplerConfig
+
+
+@dataclass
+class DataConfig:
+    url: str = ""                  # dataset folder holding manifest.json (local path or s3://...)
+    samples_per_epoch: int = 0     # 0: the manifest's sample count
+    shuffle_buffer: int = 256      # samples held per loader worker for shuffling
+    loader_workers: int = 1        # DataLoader processes per training worker (0: in the training process)
+    text_length: int | None = None  # expected L of the token states (None: take the manifest's)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.99)
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    decay: Literal["constant", "cosine", "linear"] = "constant"  # after warm-up, towards min_lr_ratio * lr
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+
+
+@dataclass
+class ZeroConfig:
+    stage: int = 2
+    overlap_comm: bool = False
+    contiguous_gradients: bool = True  # FINDINGS.md #5: False skips the gradient all-reduce under gloo
+    reduce_scatter: bool = True
+
+
+@dataclass
+class ScalingOptions:
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0
+
+
+@dataclass
+class FaultConfig:
+    max_failures: int = 0           # Ray Train restarts of the worker group
+    kill_rank: int = -1             # fault injection: this rank's process exits ...
+    kill_at_step: int = -1          # ... right after this optimizer step (first attempt only)
+    max_bad_steps_in_a_row: int = 5  # NaN/inf losses: skip the step; this many in a row stops the run
+    nan_at_micro_batches: tuple[int, ...] = ()  # fault injection: rank 0's loss is NaN at these micro-batch
+                                                # attempts (counted from 0 over the whole run, retries included)
+
+
+@dataclass
+class LoggingConfig:
+    every: int = 10                 # optimizer steps between metric reports
+    sample_every: int = 0           # steps between 1-step sample grids (0: never)
+    sample_prompts: tuple[str, ...] = ("a red circle", "a blue square", "a green triangle", "a yellow circle")
+    wandb: Literal["auto", "online", "offline", "disabled"] = "auto"  # auto: online iff WANDB_API_KEY is set
+    wandb_project: str = "emf-dist"
+
+
+@dataclass
+class TrainConfig:
+    name: str = "emf-run"           # run name: resuming uses the same name (and the same wandb run)
+    storage_path: str = "~/emf_runs"  # local folder or s3://bucket/prefix for checkpoints and results
+    mode: Literal["flow_matching", "meanflow", "meanflow_finetune"] = "meanflow"
+    init_from: str = ""             # meanflow_finetune: an exported flow-matching model folder
+    steps: int = 100                # optimizer steps for the whole run (sets the progress and lr schedules)
+    stop_after: int = 0             # end this invocation early after this step (checkpointed); rerun to go on
+    micro_batch: int = 8            # samples per worker per forward
+    grad_accum: int = 1
+    seed: int = 0
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+    ema_decay: float = 0.999
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(input_size=32, patch_size=4, width=128, depth=4,
+                                                                   heads=4, text_dim=384, time_scale=1.0,
+                                                                   checkpointing=True))
+    objective: MeanFlowConfig = field(default_factory=lambda: MeanFlowConfig(time=TimeSamplerConfig.emf()))
+    encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)  # must match the shards' fingerprint
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    zero: ZeroConfig = field(default_factory=ZeroConfig)
+    scaling: ScalingOptions = field(default_factory=ScalingOptions)
+    faults: FaultConfig = field(default_factory=FaultConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro_batch * self.grad_accum * max(1, self.scaling.num_workers)
+
+    def validate(self) -> list[str]:
+        problems = []
+        if not self.data.url:
+            problems.append("data.url is required: the folder `emf prep` wrote (it holds manifest.json)")
+        if self.steps < 1 or self.micro_batch < 1 or self.grad_accum < 1:
+            problems.append(f"steps, micro_batch and grad_accum must be >= 1, got {self.steps}, "
+                            f"{self.micro_batch}, {self.grad_accum}")
+        if self.zero.stage not in (0, 1, 2, 3):
+            problems.append(f"zero.stage must be 0, 1, 2 or 3, got {self.zero.stage}")
+        if self.scaling.num_workers < 1:
+            problems.append("scaling.num_workers must be >= 1")
+        if self.mode == "meanflow_finetune" and not self.init_from:
+            problems.append("mode meanflow_finetune needs init_from: an exported flow-matching model folder")
+        if self.mode != "meanflow_finetune" and self.init_from:
+            problems.append(f"init_from is only used by mode meanflow_finetune (mode is {self.mode})")
+        if (self.mode == "flow_matching") != (self.objective.mode == "flow_matching"):
+            problems.append(f"mode {self.mode} needs objective.mode "
+                            f"{'flow_matching' if self.mode == 'flow_matching' else 'meanflow'}")
+        if self.stop_after < 0 or self.stop_after > self.steps:
+            problems.append(f"stop_after must lie in [0, steps={self.steps}], got {self.stop_after}")
+        if self.checkpoint_every < 1 or self.keep_checkpoints < 1:
+            problems.append("checkpoint_every and keep_checkpoints must be >= 1")
+        if self.data.samples_per_epoch and self.data.samples_per_epoch < self.micro_batch * self.grad_accum:
+            problems.append(f"data.samples_per_epoch {self.data.samples_per_epoch} is smaller than one worker's "
+                            f"optimizer-step batch ({self.micro_batch} x {self.grad_accum})")
+        if self.faults.kill_rank >= self.scaling.num_workers:
+            problems.append(f"faults.kill_rank {self.faults.kill_rank} >= scaling.num_workers "
+                            f"{self.scaling.num_workers}")
+        if self.faults.kill_rank >= 0 and self.faults.max_failures < 1:
+            problems.append("fault injection (faults.kill_rank) needs faults.max_failures >= 1 to recover")
+        return problems

@@ -1,0 +1,256 @@
+"""The per-worker training loop that Ray Train runs on every rank.
+
+    model (plain PyTorch) -> DeepSpeed engine -> MeanFlow step from emf_dist.meanflow, unchanged:
+    the JVP pass runs on engine.module (forward-mode AD does not run through the engine), the
+    gradient pass through the engine, which reduces gradients across ranks (FINDINGS.md #11).
+
+Checkpoints hold everything a bit-exact continuation needs (engine, EMA, the sampling RNG,
+the data position), and every rank reports the same number of times (ray.train.report is a
+barrier). A loss that is NaN/inf on any rank is skipped on all ranks (they agree through an
+all-reduce); too many in a row stop the run before the next checkpoint could store damage.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+
+from emf_dist import storage
+from emf_dist.checkpoint import load_checkpoint, save_checkpoint
+from emf_dist.config import from_dict
+from emf_dist.ema import EMA
+from emf_dist.engine import build_engine
+from emf_dist.manifest import read_manifest
+from emf_dist.meanflow import MeanFlowLoss
+from emf_dist.model import VelocityNet
+from emf_dist.run_logger import RunLogger
+from emf_dist.shard_loader import BatchIterator, stream_spec
+from emf_dist.train_config import TrainConfig
+
+
+class TooManyBadSteps(RuntimeError):
+    pass
+
+
+def build_model(cfg: TrainConfig) -> VelocityNet:
+    """From scratch (seeded alike on every rank), or EMF's conversion of an exported FM model."""
+    torch.manual_seed(cfg.seed)
+    if cfg.mode != "meanflow_finetune":
+        return VelocityNet(cfg.model)
+    from emf_dist.convert import freeze_for_emf_finetune, meanflow_from_flow_matching
+    from emf_dist.export import load_model
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = cfg.init_from
+        if storage.is_remote(folder):
+            fs, path = storage.filesystem(folder)
+            fs.get(path, tmp, recursive=True)
+            folder = tmp
+        parent, _ = load_model(folder)
+    model = meanflow_from_flow_matching(parent.cfg, parent.state_dict())
+    model.cfg.checkpointing = cfg.model.checkpointing
+    freeze_for_emf_finetune(model)
+    return model
+
+
+def _gathered(engine):
+    """Full parameters for a moment: ZeRO-3 holds only a shard of each on every rank."""
+    if engine.zero_optimization_stage() != 3:
+        import contextlib
+        return contextlib.nullcontext()
+    import deepspeed
+    return deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
+
+
+def _any_rank(flag: bool, device) -> bool:
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def _mean_over_ranks(values: list[float], device) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return (tensor / dist.get_world_size()).tolist()
+
+
+def _inject_fault(cfg: TrainConfig, rank: int, step: int) -> None:
+    """faults.kill_rank dies after faults.kill_at_step, once per run (a marker in storage)."""
+    if rank != cfg.faults.kill_rank or step != cfg.faults.kill_at_step:
+        return
+    marker = storage.join(cfg.storage_path, cfg.name, f".fault_injected_rank{rank}")
+    fs, path = storage.filesystem(marker)
+    if fs.exists(path):
+        return
+    fs.makedirs(os.path.dirname(path), exist_ok=True)
+    fs.pipe(path, b"killed")
+    print(f"[fault injection] rank {rank} exits after step {step}", flush=True)
+    os._exit(1)
+
+
+class Trainer:
+    """One rank's state; ``run`` trains until cfg.steps optimizer steps are done."""
+
+    def __init__(self, cfg: TrainConfig, sample_text: dict | None):
+        import ray.train
+        self.cfg = cfg
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        os.environ.setdefault("LOCAL_RANK", str(ctx.get_local_rank()))
+        self.on_gpu = cfg.scaling.use_gpu and torch.cuda.is_available()
+        self.device = ray.train.torch.get_device() if self.on_gpu else torch.device("cpu")
+        model = build_model(cfg)
+        self.ema = EMA(model, cfg.ema_decay)  # before ZeRO-3 partitions the parameters
+        self.engine = build_engine(model.to(self.device), cfg, self.world, self.on_gpu)
+        self.objective = MeanFlowLoss(cfg.objective)
+        self.generator = torch.Generator(self.device).manual_seed(cfg.seed * 1000 + self.rank)
+        self.state = {"step": 0, "data": {"epoch": 0, "taken": 0}, "skipped_samples": 0, "bad_steps": 0,
+                      "attempts": 0}
+        self._restore()
+        self.batches = self._batches()
+        self.logger = RunLogger(cfg, self.rank, sample_text, resumed_at=self.state["step"])
+
+    def _restore(self) -> None:
+        import ray.train
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return
+        with checkpoint.as_directory() as folder:
+            self.state = load_checkpoint(folder, self.engine, self.ema, self.rank, self.generator)
+        if self.rank == 0:
+            print(f"resumed from step {self.state['step']}", flush=True)
+
+    def _batches(self) -> BatchIterator:
+        cfg = self.cfg
+        options = storage.storage_options(cfg.data.url)
+        manifest = read_manifest(cfg.data.url, options)
+        spec = stream_spec(manifest, cfg.data.url, micro_batch=cfg.micro_batch, world_size=self.world,
+                           rank=self.rank, samples_per_epoch=cfg.data.samples_per_epoch,
+                           shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.seed, storage_options=options)
+        return BatchIterator(spec, cfg.data.loader_workers, **self.state["data"])
+
+    def _micro_step(self, progress: float) -> tuple[float, float] | None:
+        """Forward + backward of one micro-batch; None (and no backward) if any rank's loss is bad."""
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in next(self.batches).items()}
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.on_gpu)
+        with autocast:
+            loss, stats = self.objective(self.engine, batch["image"], batch["tokens"], batch["mask"],
+                                         batch["pooled"], progress, net=self.engine.module, generator=self.generator)
+        injected = self.rank == 0 and self.state["attempts"] in self.cfg.faults.nan_at_micro_batches
+        self.state["attempts"] += 1
+        bad_here = injected or not bool(torch.isfinite(loss.detach()))
+        if _any_rank(bad_here, self.device):
+            return None
+        self.engine.backward(loss)
+        self.engine.step()
+        return float(loss.detach()), stats["jvp_seconds"]
+
+    def _optimizer_step(self) -> tuple[float, float]:
+        """grad_accum good micro-batches (bad ones are replaced); returns (loss, JVP seconds)."""
+        losses, jvp, bad_in_a_row = [], 0.0, 0
+        while len(losses) < self.cfg.grad_accum:
+            result = self._micro_step(self.state["step"] / self.cfg.steps)
+            if result is None:
+                self.state["bad_steps"] += 1
+                bad_in_a_row += 1
+                if bad_in_a_row >= self.cfg.faults.max_bad_steps_in_a_row:
+                    raise TooManyBadSteps(
+                        f"{bad_in_a_row} non-finite losses in a row at step {self.state['step']}: stopping. "
+                        f"The last good checkpoint is intact; lower optim.lr or check the data, then rerun "
+                        f"with the same name to resume from it.")
+                continue
+            bad_in_a_row = 0
+            losses.append(result[0])
+            jvp += result[1]
+        with _gathered(self.engine):
+            self.ema.update(self.engine.module)
+        self.state["step"] += 1
+        return sum(losses) / len(losses), jvp
+
+    def _checkpoint(self, metrics: dict) -> None:
+        import ray.train
+        from emf_dist.config import to_dict
+        self.state["data"] = self.batches.position()
+        self.state["skipped_samples"] = self.batches.skipped
+        with tempfile.TemporaryDirectory() as folder:
+            save_checkpoint(folder, self.engine, self.ema, self.rank, self.state, self.generator,
+                            config=to_dict(self.cfg))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
+                             checkpoint_dir_name=f"step_{self.state['step']:08d}")
+
+    def run(self) -> None:
+        import ray.train
+        cfg, window = self.cfg, {"loss": 0.0, "jvp": 0.0, "seconds": 0.0, "steps": 0}
+        self.batches.skipped = self.state["skipped_samples"]
+        self.engine.train()
+        last = cfg.stop_after or cfg.steps
+        while self.state["step"] < last:
+            start = time.perf_counter()
+            loss, jvp = self._optimizer_step()
+            window["loss"] += loss
+            window["jvp"] += jvp
+            window["seconds"] += time.perf_counter() - start
+            window["steps"] += 1
+            step = self.state["step"]
+            _inject_fault(cfg, self.rank, step)
+            due_log = step % cfg.logging.every == 0 or step == last
+            due_checkpoint = step % cfg.checkpoint_every == 0 or step == last
+            if not (due_log or due_checkpoint):
+                continue
+            metrics = self._metrics(window)
+            window = dict.fromkeys(window, 0.0)
+            if cfg.logging.sample_every and step % cfg.logging.sample_every == 0:
+                with _gathered(self.engine):
+                    self.logger.sample_grid(self.engine.module, step)
+            self.logger.log(metrics)
+            if due_checkpoint:
+                metrics["rank_param_spread"] = self._check_ranks_agree()
+                self._checkpoint(metrics)
+            else:
+                ray.train.report(metrics)
+        self.logger.finish()
+
+    def _check_ranks_agree(self) -> float:
+        """All ranks must hold the same weights (FINDINGS.md #5: some gloo paths silently skip the
+        all-reduce). Compares a float64 fingerprint of the parameters across ranks; raises on a split."""
+        with _gathered(self.engine):
+            fingerprint = torch.stack([
+                torch.stack([p.detach().double().sum(), (p.detach().double() * (1 + torch.arange(
+                    p.numel(), device=p.device, dtype=torch.float64).view(p.shape) % 7)).sum()])
+                for p in self.engine.module.parameters()]).flatten()
+        gathered = [torch.empty_like(fingerprint) for _ in range(self.world)]
+        dist.all_gather(gathered, fingerprint)
+        spread = max(float((g - gathered[0]).abs().max()) for g in gathered)
+        if spread != 0.0:
+            raise RuntimeError(f"ranks hold different parameters after step {self.state['step']} (max fingerprint "
+                               f"difference {spread:.3e}): the gradient all-reduce did not happen; check the ZeRO "
+                               "options (zero.contiguous_gradients / reduce_scatter, FINDINGS.md #5)")
+        return spread
+
+    def _metrics(self, window: dict) -> dict:
+        steps = max(1, window["steps"])
+        loss, seconds, jvp, skipped = _mean_over_ranks(
+            [window["loss"] / steps, window["seconds"], window["jvp"], float(self.batches.skipped)], self.device)
+        samples = steps * self.cfg.global_batch
+        return {"step": self.state["step"], "loss": loss, "grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
+                "lr": self.engine.get_lr()[0], "samples_per_s": samples / max(seconds, 1e-9),
+                "jvp_share": jvp / max(seconds, 1e-9), "memory_mib": _memory_mib(self.device),
+                "skipped_samples": int(skipped * self.world), "bad_steps": self.state["bad_steps"]}
+
+
+def _memory_mib(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def train_worker(loop_config: dict) -> None:
+    """Ray Train's train_loop_per_worker: the config arrives as a plain dict (validated on the driver)."""
+    cfg = from_dict(TrainConfig, loop_config["train"], validate=True)
+    Trainer(cfg, loop_config.get("sample_text")).run()

@@ -1,0 +1,79 @@
+"""Training config mistakes are clear errors on the driver, before Ray starts any worker."""
+from __future__ import annotations
+
+import pytest
+
+from emf_dist.cli import main
+from emf_dist.config import ConfigError, from_dict
+from emf_dist.engine import deepspeed_config, lr_factor
+from emf_dist.manifest import ImageSpec, Manifest, ShardEntry
+from emf_dist.text_encoder import TextEncoder, TextEncoderConfig
+from emf_dist.train import check_data
+from emf_dist.train_config import TrainConfig
+
+
+def write_manifest(folder, encoder_fingerprint: dict, tokens=(8, 384), image=(3, 32, 32)) -> str:
+    manifest = Manifest(version=1, shards=[ShardEntry("000000.tar", 4, 100, "0" * 64)], encoder=encoder_fingerprint,
+                        image=ImageSpec(kind="png", resolution=image[1], shape=list(image)),
+                        text_shapes={"tokens": list(tokens), "mask": [tokens[0]], "pooled": [tokens[1]]},
+                        source={"kind": "scenes"})
+    (folder / "manifest.json").write_text(manifest.to_json())
+    return str(folder)
+
+
+def config(**over) -> TrainConfig:
+    base = {"data": {"url": "/nowhere"}, "encoder": {"max_length": 8}}
+    base.update(over)
+    return from_dict(TrainConfig, base, validate=True)
+
+
+def test_unknown_keys_and_bad_values_are_reported_together():
+    with pytest.raises(ConfigError) as err:
+        from_dict(TrainConfig, {"data": {"url": "x"}, "zero": {"stag": 2}, "micro_batch": "four"}, validate=True)
+    text = str(err.value)
+    assert "zero.stag" in text and "stage" in text  # the unknown key, with a suggestion
+    assert "micro_batch" in text
+
+
+def test_impossible_batch_arithmetic_and_fault_options_are_refused():
+    with pytest.raises(ConfigError, match="samples_per_epoch 4 is smaller"):
+        config(micro_batch=4, grad_accum=2, data={"url": "x", "samples_per_epoch": 4})
+    with pytest.raises(ConfigError, match="kill_rank 2 >= scaling.num_workers 2"):
+        config(faults={"kill_rank": 2, "kill_at_step": 1, "max_failures": 1})
+    with pytest.raises(ConfigError, match="needs init_from"):
+        config(mode="meanflow_finetune")
+
+
+def test_encoder_fingerprint_mismatch_names_both_sides(tmp_path):
+    fingerprint = TextEncoder(TextEncoderConfig(max_length=16)).fingerprint()
+    url = write_manifest(tmp_path, fingerprint, tokens=(16, 384))
+    with pytest.raises(ValueError, match=r"max_length 16 != 8"):
+        check_data(config(data={"url": url}))
+
+
+def test_shape_mismatch_between_shards_and_model(tmp_path):
+    fingerprint = TextEncoder(TextEncoderConfig(max_length=8)).fingerprint()
+    url = write_manifest(tmp_path, fingerprint, image=(3, 64, 64))
+    with pytest.raises(ValueError, match=r"images/latents are \[3, 64, 64\] but the model takes \[3, 32, 32\]"):
+        check_data(config(data={"url": url}))
+
+
+def test_missing_manifest_is_a_clear_cli_error(tmp_path, capsys):
+    code = main(["train", f"data.url={tmp_path}", "encoder.max_length=8"])
+    assert code == 2
+    assert "no manifest.json" in capsys.readouterr().err
+
+
+def test_deepspeed_config_batch_arithmetic_and_zero3_linear():
+    cfg = config(micro_batch=4, grad_accum=3, zero={"stage": 3})
+    ds = deepspeed_config(cfg, world_size=2)
+    assert ds["train_batch_size"] == 24 == ds["train_micro_batch_size_per_gpu"] * 3 * 2
+    assert ds["zero_optimization"]["memory_efficient_linear"] is False  # no jvp rule in DeepSpeed's linear
+
+
+def test_learning_rate_schedule_warms_up_then_decays():
+    cfg = config(steps=110, optim={"warmup_steps": 10, "decay": "cosine", "min_lr_ratio": 0.1})
+    assert lr_factor(0, cfg) == pytest.approx(0.1)
+    assert lr_factor(9, cfg) == pytest.approx(1.0)
+    assert lr_factor(60, cfg) == pytest.approx(0.55)
+    assert lr_factor(110, cfg) == pytest.approx(0.1)
