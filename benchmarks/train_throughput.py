@@ -2,8 +2,8 @@
 
     python -m benchmarks.train_throughput --data DATASET_DIR [--steps 30]
 
-DATASET_DIR is a folder written by `emf prep` (e.g. `emf prep out=/tmp/bench-ds source.count=2000
-encoder.max_length=16`). Measured in one run, on one local Ray instance:
+DATASET_DIR is a folder written by `emf prep` with `encoder.max_length=16` (e.g. the demo's
+`steps/prep` folder); the model (4 blocks, width 128, patch 4) takes the shards' resolution. Measured in one run, on one local Ray instance:
 
 - bare core step: MeanFlowLoss + AdamW in this process on batches already in memory;
 - the full system (Ray Train + DeepSpeed + WebDataset streaming) with 1 worker, same micro-batch,
@@ -23,6 +23,7 @@ import time
 import torch
 
 from emf_dist.config import from_dict
+from emf_dist.manifest import read_manifest
 from emf_dist.meanflow import MeanFlowLoss
 from emf_dist.model import VelocityNet
 from emf_dist.train import train
@@ -33,12 +34,15 @@ def run_config(data: str, storage: str, name: str, steps: int, workers: int, sta
     return from_dict(TrainConfig, {
         "name": name, "storage_path": storage, "steps": steps, "micro_batch": 16, "checkpoint_every": steps,
         "encoder": {"max_length": 16}, "data": {"url": data, "loader_workers": 1},
-        "model": {"width": 128, "depth": 4, "heads": 4}, "scaling": {"num_workers": workers},
+        "model": {"width": 128, "depth": 4, "heads": 4, "input_size": read_manifest(data).image.resolution},
+        "scaling": {"num_workers": workers},
         "logging": {"every": steps // 3, "wandb": "disabled"}, "zero": {"stage": stage}}, validate=True)
 
 
 def bare_step_seconds(cfg: TrainConfig, repeats: int) -> float:
-    """The core step alone: same model, objective and micro-batch, data already in memory."""
+    """The core step alone: same model, objective and micro-batch, data already in memory, and the
+    same compute as one Ray worker with 1 CPU (which runs torch with OMP_NUM_THREADS=1)."""
+    torch.set_num_threads(1)
     torch.manual_seed(0)
     model = VelocityNet(cfg.model)
     objective = MeanFlowLoss(cfg.objective)

@@ -73,6 +73,11 @@ def enable_client_auth() -> None:
     if os.environ.get(MODE_VAR):
         return
     os.environ[MODE_VAR] = "token"
+    reload_ray_auth_config()
+
+
+def reload_ray_auth_config() -> None:
+    """Make an already imported Ray read the auth mode and token from the environment again."""
     if "ray._raylet" in sys.modules:
         from ray._raylet import AuthenticationTokenLoader, Config
         Config.initialize("")

@@ -16,6 +16,7 @@ them, which is why this head never runs without it.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -26,10 +27,12 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from cluster import auth
 
 HOST = "127.0.0.1"
+_LOOPBACK_VAR = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray keeps loopback node and bootstrap addresses
 
 
 @dataclass
@@ -72,7 +75,7 @@ class ClusterError(RuntimeError):
 
 def up(cfg: LocalClusterConfig, echo=print) -> dict:
     """Start the head (or report the one already running); returns its recorded state."""
-    running = _running_state(cfg)
+    running = running_state(cfg)
     if running is not None:
         echo(f"already running: {running['address']} (job API {running['dashboard_url']}, pid {running['pid']})")
         return running
@@ -101,6 +104,32 @@ def up(cfg: LocalClusterConfig, echo=print) -> dict:
     return state
 
 
+@contextlib.contextmanager
+def driver(state: dict) -> Iterator[None]:
+    """This process as a Ray driver of the recorded head for the block, sending the token; the
+    steps it runs find the head through RAY_ADDRESS. Ray swaps a loopback bootstrap address for
+    the machine's routable one (where this head does not listen) unless
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, a flag it reads once at import: set both. Everything
+    is put back after, so a later `ray.init()` in the same process starts a plain local instance."""
+    import ray
+    from ray._private import ray_constants
+
+    names = (_LOOPBACK_VAR, auth.MODE_VAR, "RAY_ADDRESS")
+    saved_env, saved_flag = {name: os.environ.get(name) for name in names}, ray_constants.ENABLE_RAY_CLUSTER
+    os.environ.update({_LOOPBACK_VAR: "0", "RAY_ADDRESS": state["address"]})
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    auth.enable_client_auth()
+    try:
+        ray.init(address=state["address"], log_to_driver=True)
+        yield
+    finally:
+        ray.shutdown()
+        for name, value in saved_env.items():
+            os.environ.pop(name, None) if value is None else os.environ.__setitem__(name, value)
+        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+        auth.reload_ray_auth_config()
+
+
 def down(cfg: LocalClusterConfig, echo=print) -> bool:
     """Stop the recorded head; False when there was none."""
     state_path = Path(cfg.state_file).expanduser()
@@ -119,7 +148,7 @@ def down(cfg: LocalClusterConfig, echo=print) -> bool:
 
 def status(cfg: LocalClusterConfig, echo=print) -> dict | None:
     """The recorded head's nodes and resources (`ray status` through the authenticated job API)."""
-    state = _running_state(cfg)
+    state = running_state(cfg)
     if state is None:
         echo(f"no local cluster running (state file {Path(cfg.state_file).expanduser()}); "
              "start one with `emf cluster up`")
@@ -160,7 +189,7 @@ def _start_command(cfg: LocalClusterConfig) -> list[str]:
 def _head_env() -> dict[str, str]:
     env = dict(os.environ)
     env[auth.MODE_VAR] = "token"
-    env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # keep 127.0.0.1 as the node address (see module doc)
+    env[_LOOPBACK_VAR] = "0"  # keep 127.0.0.1 as the node address (see module doc)
     # Jobs run `python` / `emf` from PATH: make that this environment's, as on a cluster image.
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     return env
@@ -238,7 +267,8 @@ def _read_state(path: Path) -> dict | None:
         return None
 
 
-def _running_state(cfg: LocalClusterConfig) -> dict | None:
+def running_state(cfg: LocalClusterConfig) -> dict | None:
+    """The recorded head's state while it runs, else None."""
     state = _read_state(Path(cfg.state_file).expanduser())
     return state if state is not None and _is_our_head(state) else None
 

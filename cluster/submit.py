@@ -26,7 +26,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from cluster import auth
-from cluster.local import LocalClusterConfig, _running_state
+from cluster.local import LocalClusterConfig, running_state
 from cluster.sealed_env import SEALED_VAR, SETUP_HOOK, sealed_from_environment
 from emf_dist import storage
 from pipelines.spec import PipelineSpec, load_spec, spec_path
@@ -106,7 +106,7 @@ def job_api_address(address: str | None) -> str:
     """--address, else RAY_API_SERVER_ADDRESS, else the head `emf cluster up` recorded."""
     address = address or os.environ.get(ADDRESS_VAR)
     if not address:
-        local = _running_state(LocalClusterConfig())
+        local = running_state(LocalClusterConfig())
         address = local["dashboard_url"] if local else None
     if not address:
         raise ValueError(f"no cluster to submit to: pass --address http://HEAD:8265, set {ADDRESS_VAR}, or start the "

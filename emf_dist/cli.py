@@ -31,22 +31,26 @@ def _run_generate(args) -> int:
 
 
 def _add_demo(subparsers) -> None:
-    p = subparsers.add_parser("demo", help="the main job on the embedded default: scenes -> FM -> MeanFlow -> samples",
-                              description="Generate scenes, encode their captions with the packaged MiniLM, pretrain "
-                                          "a flow-matching model, convert it to MeanFlow and fine-tune, export, and "
-                                          "write sample grids at 1, 2 and 4 steps next to flow matching.")
-    p.add_argument("config", nargs="*", metavar="[CONFIG.yaml] [key=value ...]",
-                   help="optional YAML config, then dotted overrides, e.g. fm_train.steps=200")
+    p = subparsers.add_parser("demo", help="the main job on the embedded default: the full EMF pipeline",
+                              description="Run the `emf` pipeline (pipelines/specs/emf.yaml) on a local Ray head: "
+                                          "text-encoder selection, data prep of generated scenes with the packaged "
+                                          "MiniLM, flow-matching pretraining, MeanFlow fine-tuning (EMF), and the "
+                                          "steps-vs-quality benchmark, every artifact under --out. Rerun to resume.")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="dotted overrides of the pipeline spec, e.g. steps.pretrain.config.steps=3000")
     p.add_argument("--out", default="emf-demo", help="output folder")
     p.set_defaults(run=_run_demo)
 
 
 def _run_demo(args) -> int:
-    from emf_dist.config import parse_cli
-    from emf_dist.demo import DemoConfig, run_demo
+    from emf_dist.demo import run_demo
+    from pipelines.run import PipelineFailed
 
-    cfg = parse_cli(DemoConfig, args.config)
-    run_demo(cfg, args.out)
+    try:
+        run_demo(args.out, list(args.overrides))
+    except PipelineFailed as err:
+        print(f"emf demo: {err}; rerun the same command to resume", file=sys.stderr)
+        return 1
     return 0
 
 

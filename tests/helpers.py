@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 import torch
 
 from emf_dist.model import ModelConfig, VelocityNet
@@ -33,3 +35,9 @@ def random_text(batch: int, length: int, dim: int, seed: int = 0, dtype=torch.fl
     tokens = tokens * mask[..., None]
     pooled = torch.randn(batch, dim, generator=gen, dtype=dtype)
     return tokens, mask, pooled
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

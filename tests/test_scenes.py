@@ -182,6 +182,9 @@ def test_holdout_pairs_split_cleanly():
     ({"task_weights": (0.0,) * 6}, "task_weights"),
     ({"holdout": tuple(f"{c} {s}" for c in COLORS for s in SHAPES)}, "every"),
     ({"seed": -1}, "seed"),
+    ({"resolution": 16, "cell": 8, "min_size": 6, "max_size": 8}, "cell - 1"),
+    ({"resolution": 16, "cell": 16, "min_size": 6, "max_size": 7}, "counting needs"),
+    ({"resolution": 16, "cell": 9, "min_size": 6, "max_size": 7, "tasks": ("position",)}, "fewer than 2"),
 ])
 def test_validate_catches_bad_configs(kwargs, needle):
     cfg = SceneConfig(**kwargs)
@@ -238,3 +241,27 @@ def test_smallest_allowed_shapes_stay_apart():
     for size in (5, 6):
         fill = {shape: shape_mask(shape, size, size).mean() for shape in SHAPES}
         assert fill["triangle"] + 0.1 < fill["circle"] < fill["square"] - 0.1, fill
+
+
+def test_cell_layout_puts_one_object_per_cell_and_keeps_every_relation():
+    """The demo's layout: objects centered in distinct cells of a grid, relations still true."""
+    cfg = SceneConfig(resolution=24, cell=8, min_size=6, max_size=7)
+    relations = set()
+    for scene in iter_scenes(cfg, 0, 300):
+        cells = set()
+        for o in scene.objects:
+            x0, y0, x1, y1 = o["bbox"]
+            col, row = x0 // 8, y0 // 8
+            assert (x1 - 1) // 8 == col and (y1 - 1) // 8 == row, scene.key  # inside one cell
+            assert x0 - col * 8 == (8 - (x1 - x0)) // 2, scene.key  # centered in it
+            cells.add((row, col))
+        assert len(cells) == len(scene.objects), scene.key
+        found = sorted((c, b) for c, b in _components(scene.image))
+        assert found == sorted((COLORS[o["color"]], list(o["bbox"])) for o in scene.objects), scene.key
+        if scene.task == "position":
+            (ax0, ay0, ax1, ay1), (bx0, by0, bx1, by1) = (o["bbox"] for o in scene.objects)
+            dx, dy = (bx0 + bx1 - ax0 - ax1) / 2, (by0 + by1 - ay0 - ay1) / 2
+            ok = {"left of": abs(dy) < dx, "right of": abs(dy) < -dx, "above": abs(dx) < dy, "below": abs(dx) < -dy}
+            assert ok[scene.relation], (scene.key, scene.relation, scene.objects)
+            relations.add(scene.relation)
+    assert relations == {"left of", "right of", "above", "below"}

@@ -39,6 +39,11 @@ class BenchmarkConfig:
     # that contain one are drawn from the scene generator's holdout split and reported apart.
     holdout: tuple[str, ...] = ()
     holdout_prompts_per_task: int = 4
+    # The training scenes' layout (SceneConfig.cell / min_size / max_size), so the reference renders
+    # and the detector's calibration scenes look like what the model learned.
+    cell: int | None = None
+    min_size: int | None = None
+    max_size: int | None = None
     meanflow_steps: tuple[int, ...] = (1, 2, 4, 8)
     meanflow_guidance: tuple[float, ...] = (1.0,)  # MeanFlow trained with guidance in its target needs no CFG
     flow_matching_steps: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
@@ -63,8 +68,9 @@ class BenchmarkConfig:
             problems.append("guidance scales must be > 0")
         return problems
 
-    def scene_config(self, task: str, resolution: int) -> SceneConfig:
-        return SceneConfig(resolution=resolution, tasks=(task,), holdout=self.holdout, seed=self.prompt_seed)
+    def scene_config(self, tasks: tuple[str, ...], resolution: int, seed: int) -> SceneConfig:
+        return SceneConfig(resolution=resolution, tasks=tasks, holdout=self.holdout, seed=seed, cell=self.cell,
+                           min_size=self.min_size, max_size=self.max_size)
 
 
 @dataclass
@@ -103,7 +109,7 @@ def prompt_set(cfg: BenchmarkConfig, resolution: int) -> list[BenchmarkPrompt]:
     `holdout_prompts_per_task` from the holdout split (each has one held-out pair)."""
     prompts = []
     for task in cfg.tasks:
-        scenes_cfg = cfg.scene_config(task, resolution)
+        scenes_cfg = cfg.scene_config((task,), resolution, cfg.prompt_seed)
         splits = [("train", cfg.prompts_per_task)]
         if cfg.holdout:
             splits.append(("holdout", cfg.holdout_prompts_per_task))
@@ -191,8 +197,8 @@ def run_benchmark(models: dict[str, tuple[VelocityNet, ExportInfo, TextEncoder]]
     reference = _grid(np.stack([p.scene.image for p in prompts]).repeat(cfg.images_per_prompt, 0), prompts, cfg)
     calibration = None
     if cfg.calibration_scenes:
-        fresh = [make_scene(SceneConfig(resolution=resolution, holdout=cfg.holdout, seed=cfg.prompt_seed + 1), i)
-                 for i in range(cfg.calibration_scenes)]
+        fresh_cfg = cfg.scene_config(cfg.tasks, resolution, cfg.prompt_seed + 1)
+        fresh = [make_scene(fresh_cfg, i) for i in range(cfg.calibration_scenes)]
         calibration = calibrate(fresh, cfg.detector)
     return BenchmarkResult(cfg, resolution, prompts, samplers, records, grids, reference, calibration,
                            generated=generated)

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from data_prep.scenes import SceneConfig, iter_scenes
+from data_prep.scenes import iter_scenes
 from emf_dist.eval.benchmark import BenchmarkConfig, BenchmarkResult, run_benchmark
 from emf_dist.eval.encoders import EncoderEvalConfig, encoder_table, evaluate_encoders
 from emf_dist.eval.frechet import FrechetConfig, frechet_between
@@ -66,9 +66,8 @@ def _frechet(result: BenchmarkResult, cfg: FrechetConfig, device: str) -> tuple[
     from emf_dist.eval.backbone import VisionBackbone
 
     backbone = VisionBackbone(cfg.backbone, device)
-    tasks = result.config.tasks
-    real = np.stack([s.image for s in iter_scenes(SceneConfig(resolution=result.resolution, tasks=tasks,
-                                                              seed=cfg.real_seed), 0, cfg.real_images)])
+    scenes = result.config.scene_config(result.config.tasks, result.resolution, cfg.real_seed)
+    real = np.stack([s.image for s in iter_scenes(scenes, 0, cfg.real_images)])
     per_sampler = {label: frechet_between(backbone, images, real, cfg.batch_size)
                    for label, images in result.generated.items()}
     first = next(iter(per_sampler.values()))
