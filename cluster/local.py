@@ -142,8 +142,20 @@ def down(cfg: LocalClusterConfig, echo=print) -> bool:
         echo(f"stopped the Ray head on {state['address']} (pid {state['pid']})")
     else:
         echo(f"the Ray head recorded in {state_path} (pid {state['pid']}) is not running any more")
+    _forget_bootstrap_address(state)
     state_path.unlink(missing_ok=True)
     return True
+
+
+def _forget_bootstrap_address(state: dict) -> None:
+    """`ray start` records its address in <temp dir>/ray_current_cluster and a later plain
+    `ray.init()` joins whatever that names; `ray stop` removes it, so must we (when it is ours)."""
+    path = Path(state.get("temp_dir") or "/tmp/ray") / "ray_current_cluster"
+    try:
+        if path.read_text().strip() == state["address"]:
+            path.unlink()
+    except OSError:
+        pass
 
 
 def status(cfg: LocalClusterConfig, echo=print) -> dict | None:

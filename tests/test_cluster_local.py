@@ -140,8 +140,11 @@ def test_submit_without_a_token_is_refused_not_sent_unauthenticated(head, workdi
 
 def test_down_stops_every_process_of_the_head(head):
     cfg, state, root = head
+    assert (root / "ray" / "ray_current_cluster").read_text().strip() == state["address"]
     assert local.down(cfg)
     assert not local._group_alive(state["pid"])
     assert not (root / "cluster.json").exists()
+    # A later plain `ray.init()` must not try to join the stopped head.
+    assert not (root / "ray" / "ray_current_cluster").exists()
     with pytest.raises(OSError):
         urllib.request.urlopen(f"{cfg.dashboard_url}/api/version", timeout=5)
