@@ -18,13 +18,7 @@ SMALL = EncoderEvalConfig(discriminability=DiscriminabilityConfig(scenes=40),
                           disentanglement=DisentanglementConfig(prompts=16, unrelated_pairs=60))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """On a small shared CPU two spinning torch threads are several times slower than one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

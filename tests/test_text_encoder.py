@@ -23,13 +23,7 @@ LONG = "a very detailed painting of " + " and ".join(f"a {c} house" for c in ["r
 _CACHE: dict = {}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """MiniLM is tiny: on a small shared CPU, two spinning threads are ~10x slower than one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def enc(**kw) -> TextEncoder:

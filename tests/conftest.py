@@ -1,0 +1,13 @@
+"""Fixtures shared by several test modules."""
+import pytest
+import torch
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """On a small shared CPU two spinning torch threads are several times slower than one
+    (MiniLM and the tiny benchmark models especially)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
