@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import sys
 
-CONFIG_HELP = ("optional YAML config (cluster/local.py: LocalClusterConfig), then dotted overrides, "
-               "e.g. dashboard_port=8266")
+from emf_dist.config import add_config_argument
 
 
 def add_parsers(subparsers) -> None:
@@ -17,7 +16,7 @@ def add_parsers(subparsers) -> None:
     for action, text in (("up", "start the head (no-op if it runs)"), ("down", "stop the head this command started"),
                          ("status", "nodes and resources")):
         a = sub.add_parser(action, help=text)
-        a.add_argument("config", nargs="*", metavar="[CONFIG.yaml] [key=value ...]", help=CONFIG_HELP)
+        add_config_argument(a, "cluster/local.py: LocalClusterConfig", "dashboard_port=8266")
     p.set_defaults(run=_run_cluster)
 
     s = subparsers.add_parser("submit", help="run a pipeline as a Ray job (job submission API, token auth)",

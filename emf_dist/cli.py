@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from emf_dist.config import add_config_argument
+
 
 def _add_generate(subparsers) -> None:
     p = subparsers.add_parser("generate", help="text to image with an exported model",
@@ -63,9 +65,7 @@ def _add_prep(subparsers) -> None:
                                           "finishes an interrupted run; new source items become the next version. "
                                           "Object-store credentials and endpoint come from the environment "
                                           "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL).")
-    p.add_argument("config", nargs="*", metavar="[CONFIG.yaml] [key=value ...]",
-                   help="optional YAML config (data_prep/config.py: PrepConfig), then dotted overrides, "
-                        "e.g. out=s3://bucket/scenes source.count=100000")
+    add_config_argument(p, "data_prep/config.py: PrepConfig", "out=s3://bucket/scenes source.count=100000")
     p.add_argument("--strict", action="store_true",
                    help="stop at the first bad input item with an error naming it, instead of skipping and counting")
     p.set_defaults(run=_run_prep)
@@ -93,9 +93,8 @@ def _add_train(subparsers) -> None:
                                           "one DeepSpeed ZeRO engine per worker. Rerunning with the same name resumes "
                                           "from the latest checkpoint. The EMA weights are exported to "
                                           "<storage_path>/<name>/export at the end.")
-    p.add_argument("config", nargs="*", metavar="[CONFIG.yaml] [key=value ...]",
-                   help="optional YAML config (emf_dist/train_config.py: TrainConfig), then dotted overrides, "
-                        "e.g. data.url=s3://bucket/scenes zero.stage=3 scaling.num_workers=8")
+    add_config_argument(p, "emf_dist/train_config.py: TrainConfig",
+                        "data.url=s3://bucket/scenes zero.stage=3 scaling.num_workers=8")
     p.set_defaults(run=_run_train)
 
 
@@ -117,13 +116,12 @@ def _add_eval(subparsers) -> None:
                                           "and DPG-Bench layouts. Configs: emf_dist/eval/run.py (EvalConfig) and "
                                           "emf_dist/eval/encoders.py (EncoderEvalConfig).")
     sub = p.add_subparsers(dest="eval_command", metavar="EVAL_COMMAND", required=True)
-    config_help = "optional YAML config, then dotted overrides, e.g. benchmark.prompts_per_task=4"
     enc = sub.add_parser("encoders", help="rank text encoders against reference baselines")
-    enc.add_argument("config", nargs="*", metavar="[CONFIG.yaml] [key=value ...]", help=config_help)
+    add_config_argument(enc, "emf_dist/eval/encoders.py: EncoderEvalConfig", "discriminability.scenes=300")
     enc.add_argument("--out", default="emf-eval-encoders", help="report folder")
     enc.add_argument("--device", default="cpu")
     bench = sub.add_parser("benchmark", help="compositional benchmark: MeanFlow 1-8 steps vs flow matching 1-32 steps")
-    bench.add_argument("config", nargs="*", metavar="[CONFIG.yaml] [key=value ...]", help=config_help)
+    add_config_argument(bench, "emf_dist/eval/run.py: EvalConfig", "benchmark.prompts_per_task=4")
     bench.add_argument("--model", required=True, help="exported model folder (MeanFlow or flow matching)")
     bench.add_argument("--baseline", default=None, help="a second exported model, e.g. the flow-matching parent")
     bench.add_argument("--out", default="emf-eval", help="report folder")

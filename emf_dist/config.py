@@ -230,6 +230,25 @@ def to_dict(cfg: Any) -> Any:
     return cfg
 
 
+def non_defaults(cfg: Any) -> Any:
+    """``to_dict`` without the fields left at their defaults, recursively: a config's identity
+    that stays the same when a later version adds a field (pipelines fingerprint steps by it,
+    so an upgrade does not rerun every finished step)."""
+    if not dataclasses.is_dataclass(cfg) or isinstance(cfg, type):
+        return to_dict(cfg)
+    out = {}
+    for f in dataclasses.fields(cfg):
+        if not f.init:
+            continue
+        value = to_dict(getattr(cfg, f.name))
+        if f.default is not dataclasses.MISSING and value == to_dict(f.default):
+            continue
+        if f.default_factory is not dataclasses.MISSING and value == to_dict(f.default_factory()):
+            continue
+        out[f.name] = non_defaults(getattr(cfg, f.name))
+    return out
+
+
 def validate_config(cfg: Any) -> None:
     """Re-check types and run every ``validate()`` on an already built config."""
     from_dict(type(cfg), to_dict(cfg), validate=True)
@@ -296,6 +315,12 @@ def save_config(cfg: Any, path: str | os.PathLike) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def add_config_argument(parser, where: str, example: str) -> None:
+    """The positional every config-driven command takes, in the form ``parse_cli`` reads."""
+    parser.add_argument("config", nargs="*", metavar="[CONFIG.yaml] [key=value ...]",
+                        help=f"optional YAML config ({where}), then dotted overrides, e.g. {example}")
 
 
 def parse_cli(cls: type[T], argv: Sequence[str]) -> T:

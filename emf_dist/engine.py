@@ -48,10 +48,22 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     return o.min_lr_ratio + (1 - o.min_lr_ratio) * shape
 
 
+def _skip_shared_memory_comm_build() -> None:
+    """DeepSpeed's comm backend JIT-compiles a shared-memory all-reduce on CPU at start-up that
+    only its inference all-reduce uses (training's collectives go through torch.distributed,
+    gloo here): a minute of g++ per worker start on a 2-core machine, redone whenever two
+    processes' compile flags differ (docs/benchmarks.md). Marking the op incompatible skips it;
+    DeepSpeed keeps that probe result in this module-level dict for the process's lifetime."""
+    import deepspeed.ops
+    from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+    deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
+
+
 def build_engine(model: nn.Module, cfg: TrainConfig, world_size: int, on_gpu: bool):
     """deepspeed.initialize over the trainable parameters; torch.distributed must already be up."""
     if not on_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        _skip_shared_memory_comm_build()
     import deepspeed
 
     params = [p for p in model.parameters() if p.requires_grad]

@@ -6,6 +6,10 @@ mu, sigma and the r != t share linearly with training progress p in [0, 1], taki
 model from instantaneous to average velocity: the EMF code goes mu -0.5 -> 0.5,
 sigma 1.0 -> 2.0, r != t 25% -> 75%. MeanFlow's own default is constant logit-normal(-0.4, 1.0)
 with 25% r != t.
+
+Under either law, pairs spanning nearly all of [0, 1] are rare (a few percent even at EMF's
+end point), yet one-step sampling asks exactly u(z_1, 0, 1). ``full_interval`` sets that share
+of the r != t rows to (r, t) = (0, 1), so a short fine-tune trains the 1-step query directly.
 """
 
 from __future__ import annotations
@@ -26,10 +30,11 @@ class TimeSamplerConfig:
     mu_end: float = 0.5  # mu at progress 1 (EMF schedule only)
     sigma_end: float = 2.0  # sigma at progress 1 (EMF schedule only)
     r_neq_t_end: float = 0.75  # share of r != t at progress 1 (EMF schedule only)
+    full_interval: float = 0.0  # share of the r != t rows set to (r, t) = (0, 1), the 1-step query
 
     def validate(self) -> list[str]:
         problems = []
-        for name in ("r_neq_t", "r_neq_t_end"):
+        for name in ("r_neq_t", "r_neq_t_end", "full_interval"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 problems.append(f"{name} must lie in [0, 1], got {getattr(self, name)}")
         for name in ("sigma", "sigma_end"):
@@ -64,5 +69,7 @@ def sample_times(cfg: TimeSamplerConfig, batch: int, progress: float = 0.0, *, d
     r = torch.minimum(draws[0], draws[1])
     # Exactly round(r_neq_t * batch) rows keep r != t: a fixed share keeps the JVP pass's
     # cost (it only runs on those rows) the same from step to step.
-    keep = torch.randperm(batch, generator=generator, device=device) < round(r_neq_t * batch)
-    return torch.where(keep, r, t), t
+    order = torch.randperm(batch, generator=generator, device=device)
+    keep = order < round(r_neq_t * batch)
+    full = order < round(cfg.full_interval * round(r_neq_t * batch))  # a fixed number of the kept rows
+    return torch.where(full, 0.0, torch.where(keep, r, t)), torch.where(full, 1.0, t)

@@ -106,6 +106,7 @@ class Trainer:
         self.engine = build_engine(model.to(self.device), cfg, self.world, self.on_gpu)
         self.objective = MeanFlowLoss(cfg.objective)
         self.generator = torch.Generator(self.device).manual_seed(cfg.seed * 1000 + self.rank)
+        self.grad_norm = 0.0  # of the last optimizer step; ZeRO-0 only (stages >= 1 keep their own)
         self.state = {"step": 0, "data": {"epoch": 0, "taken": 0}, "skipped_samples": 0, "bad_steps": 0,
                       "attempts": 0}
         self._restore()
@@ -144,6 +145,11 @@ class Trainer:
         if _any_rank(bad_here, self.device):
             return None
         self.engine.backward(loss)
+        if self.engine.zero_optimization_stage() == 0 and self.engine.is_gradient_accumulation_boundary():
+            # DeepSpeed records the global norm only in its ZeRO optimizers; here the gradients are
+            # already all-reduced, and engine.step() is about to clip and zero them.
+            self.grad_norm = float(torch.nn.utils.get_total_norm(
+                [p.grad for p in self.engine.module.parameters() if p.grad is not None]))
         self.engine.step()
         return float(loss.detach()), stats["jvp_seconds"]
 
@@ -229,12 +235,16 @@ class Trainer:
                                "options (zero.contiguous_gradients / reduce_scatter, FINDINGS.md #5)")
         return spread
 
+    def _grad_norm(self) -> float:
+        norm = self.engine.get_global_grad_norm()
+        return self.grad_norm if norm is None else float(norm)
+
     def _metrics(self, window: dict) -> dict:
         steps = max(1, window["steps"])
         loss, seconds, jvp, skipped = _mean_over_ranks(
             [window["loss"] / steps, window["seconds"], window["jvp"], float(self.batches.skipped)], self.device)
         samples = steps * self.cfg.global_batch
-        return {"step": self.state["step"], "loss": loss, "grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
+        return {"step": self.state["step"], "loss": loss, "grad_norm": self._grad_norm(),
                 "lr": self.engine.get_lr()[0], "samples_per_s": samples / max(seconds, 1e-9),
                 "jvp_share": jvp / max(seconds, 1e-9), "memory_mib": _memory_mib(self.device),
                 "skipped_samples": int(skipped * self.world), "bad_steps": self.state["bad_steps"]}

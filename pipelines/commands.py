@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import sys
 
+from emf_dist.config import add_config_argument
+
 
 def add_parsers(subparsers) -> None:
     p = subparsers.add_parser("pipeline", help="run a chain of steps with cached, resumable results",
@@ -27,9 +29,8 @@ def add_parsers(subparsers) -> None:
                                           "it unless it regresses beyond gate.margin; the decision and its reason go "
                                           "to the model registry. Exits 0 at once when there is no new data or another "
                                           "retrain holds the lock.")
-    r.add_argument("config", nargs="*", metavar="[CONFIG.yaml] [key=value ...]",
-                   help="optional YAML config (pipelines/retrain.py: RetrainConfig), then dotted overrides, "
-                        "e.g. registry=s3://bucket/registry dataset=s3://bucket/data gate.margin=0.02")
+    add_config_argument(r, "pipelines/retrain.py: RetrainConfig",
+                        "registry=s3://bucket/registry dataset=s3://bucket/data gate.margin=0.02")
     r.set_defaults(run=_run_retrain)
 
 

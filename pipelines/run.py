@@ -1,8 +1,9 @@
 """`emf pipeline run SPEC`: run the steps in order, skip the ones that already ran, record everything.
 
 Content-addressed skipping. Before a step runs, its references are resolved and its config is
-parsed; the step's fingerprint is the hash of its kind, its typed config and the content
-identity of every input URL (steps.artifact_identity). A finished step leaves
+parsed; the step's fingerprint is the hash of its kind, its typed config (the values that differ
+from the defaults, so a new config field does not change it) and the content identity of every
+input URL (steps.artifact_identity). A finished step leaves
 ``<storage>/cache/<fingerprint>.json`` with its outputs; the next run that computes the same
 fingerprint, and still finds those outputs, reuses them instead of running. So an unchanged
 step never runs twice, a changed one (or one whose input changed) runs again along with every
@@ -34,7 +35,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from emf_dist import storage
-from emf_dist.config import to_dict
+from emf_dist.config import non_defaults, to_dict
 from pipelines.lock import LeaseLock
 from pipelines.spec import PipelineSpec, StepSpec, resolve
 from pipelines.steps import KINDS, StepContext, artifact_identity
@@ -155,7 +156,7 @@ def _resolve(spec: PipelineSpec, store: Store, step: StepSpec, rec: StepRecord, 
     raw = resolve(step.config, lookup, keep=("step.dir",))
     parsed = kind.parse(raw)
     rec.inputs = {url: artifact_identity(url) for url in kind.inputs(parsed)}
-    rec.fingerprint = fingerprint(step.kind, to_dict(parsed), rec.inputs)
+    rec.fingerprint = fingerprint(step.kind, non_defaults(parsed), rec.inputs)
     rec.dir = store.url_of("steps", rec.name, *(() if kind.incremental else (rec.fingerprint[:16],)))
     cfg = kind.parse({**kind.defaults(rec.dir, rec.name), **resolve(raw, {"step.dir": rec.dir})})
     rec.config = to_dict(cfg)

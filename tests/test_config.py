@@ -7,7 +7,7 @@ from typing import Literal, Optional
 import pytest
 
 from emf_dist.config import (ConfigError, apply_overrides, from_dict, load_config,
-                             parse_cli, save_config, to_dict, validate_config)
+                             non_defaults, parse_cli, save_config, to_dict, validate_config)
 
 
 @dataclass
@@ -46,6 +46,16 @@ class JobCfg:
     weights: dict[str, float] = field(default_factory=dict)
     use_ema: bool = True
     lr: float | None = 1e-4
+
+
+@dataclass
+class ModelCfgWithANewField(ModelCfg):
+    ema_warmup: int = 10  # what a later release might add
+
+
+@dataclass
+class NewerJobCfg(JobCfg):
+    model: ModelCfgWithANewField = field(default_factory=ModelCfgWithANewField)
 
 
 def problems_of(exc_info) -> list[str]:
@@ -260,3 +270,12 @@ class _Outer:
 def test_partial_override_keeps_the_fields_own_default_instance():
     cfg = load_config(_Outer, None, ["inner.a=7"])
     assert cfg.inner == _Inner(a=7, b="job default")
+
+
+def test_non_defaults_keeps_only_what_differs_so_a_new_field_leaves_it_unchanged():
+    job = from_dict(JobCfg, {"model": {"depth": 6, "width": 256}, "sampler": {}, "lr": 1e-4, "urls": ["a"]})
+    assert non_defaults(job) == {"model": {"depth": 6}, "urls": ["a"]}
+    assert non_defaults(JobCfg()) == {}
+    assert non_defaults(from_dict(NewerJobCfg, {"model": {"depth": 6}, "urls": ["a"]})) == non_defaults(job)
+    assert non_defaults(from_dict(NewerJobCfg, {"model": {"depth": 6, "ema_warmup": 3}}))["model"] == {
+        "depth": 6, "ema_warmup": 3}

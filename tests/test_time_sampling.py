@@ -41,3 +41,12 @@ def test_logit_normal_location_follows_the_schedule():
 def test_validate_reports_bad_values():
     problems = TimeSamplerConfig(r_neq_t=1.5, sigma=0.0).validate()
     assert any("r_neq_t" in p for p in problems) and any("sigma" in p for p in problems)
+
+
+def test_full_interval_rows_are_exactly_the_one_step_query_and_a_fixed_share_of_r_neq_t():
+    cfg = TimeSamplerConfig(r_neq_t=0.5, full_interval=0.25)
+    r, t = sample_times(cfg, 400, generator=torch.Generator().manual_seed(0))
+    full = (r == 0) & (t == 1)
+    assert int(full.sum()) == 50 and int((r != t).sum()) == 200
+    assert ((0 < r[~full]) | (r[~full] == t[~full])).all()  # the other rows keep their draws
+    assert TimeSamplerConfig(full_interval=1.5).validate()
