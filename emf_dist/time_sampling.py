@@ -9,7 +9,8 @@ with 25% r != t.
 
 Under either law, pairs spanning nearly all of [0, 1] are rare (a few percent even at EMF's
 end point), yet one-step sampling asks exactly u(z_1, 0, 1). ``full_interval`` sets that share
-of the r != t rows to (r, t) = (0, 1), so a short fine-tune trains the 1-step query directly.
+of the r != t rows to (r, t) = (0, 1), so a short fine-tune trains the 1-step query directly
+(on the demo recipe it did not raise 1-step accuracy: docs/benchmarks.md, "The main job").
 """
 
 from __future__ import annotations
