@@ -125,7 +125,10 @@ def driver(state: dict) -> Iterator[None]:
     finally:
         ray.shutdown()
         for name, value in saved_env.items():
-            os.environ.pop(name, None) if value is None else os.environ.__setitem__(name, value)
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
         ray_constants.ENABLE_RAY_CLUSTER = saved_flag
         auth.reload_ray_auth_config()
 

@@ -145,9 +145,11 @@ class Trainer:
         if _any_rank(bad_here, self.device):
             return None
         self.engine.backward(loss)
-        if self.engine.zero_optimization_stage() == 0 and self.engine.is_gradient_accumulation_boundary():
+        if self.engine.zero_optimization_stage() == 0 and self.engine.is_gradient_accumulation_boundary() \
+                and self._reports_at(self.state["step"] + 1):
             # DeepSpeed records the global norm only in its ZeRO optimizers; here the gradients are
-            # already all-reduced, and engine.step() is about to clip and zero them.
+            # already all-reduced, and engine.step() is about to clip and zero them. Only the
+            # steps whose metrics are reported need it.
             self.grad_norm = float(torch.nn.utils.get_total_norm(
                 [p.grad for p in self.engine.module.parameters() if p.grad is not None]))
         self.engine.step()
@@ -191,8 +193,7 @@ class Trainer:
         cfg, window = self.cfg, {"loss": 0.0, "jvp": 0.0, "seconds": 0.0, "steps": 0}
         self.batches.skipped = self.state["skipped_samples"]
         self.engine.train()
-        last = cfg.stop_after or cfg.steps
-        while self.state["step"] < last:
+        while self.state["step"] < self._last_step():
             start = time.perf_counter()
             loss, jvp = self._optimizer_step()
             window["loss"] += loss
@@ -201,10 +202,9 @@ class Trainer:
             window["steps"] += 1
             step = self.state["step"]
             _inject_fault(cfg, self.rank, step)
-            due_log = step % cfg.logging.every == 0 or step == last
-            due_checkpoint = step % cfg.checkpoint_every == 0 or step == last
-            if not (due_log or due_checkpoint):
+            if not self._reports_at(step):
                 continue
+            due_checkpoint = step % cfg.checkpoint_every == 0 or step == self._last_step()
             metrics = self._metrics(window)
             window = dict.fromkeys(window, 0.0)
             if cfg.logging.sample_every and step % cfg.logging.sample_every == 0:
@@ -234,6 +234,14 @@ class Trainer:
                                f"difference {spread:.3e}): the gradient all-reduce did not happen; check the ZeRO "
                                "options (zero.contiguous_gradients / reduce_scatter, FINDINGS.md #5)")
         return spread
+
+    def _last_step(self) -> int:
+        return self.cfg.stop_after or self.cfg.steps
+
+    def _reports_at(self, step: int) -> bool:
+        """Whether metrics go out after optimizer step ``step`` (a log line or a checkpoint)."""
+        cfg, last = self.cfg, self._last_step()
+        return step % cfg.logging.every == 0 or step % cfg.checkpoint_every == 0 or step == last
 
     def _grad_norm(self) -> float:
         norm = self.engine.get_global_grad_norm()
