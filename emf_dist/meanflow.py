@@ -13,10 +13,18 @@ Because u_tgt is stop-gradient, the step runs in two passes (FINDINGS.md #3):
      with r != t only (rows with r = t have target v and need no derivative);
   2. an ordinary forward with gradients (and activation checkpointing, if the model has it on).
 
+Velocity source. MeanFlow regresses on the conditional velocity v = e - x of one noise draw;
+fine-tuning from a flow-matching parent can instead take the parent's prediction of the
+(marginal) velocity at (z_t, t) as v, ``velocity: teacher``. The identity and the loss are
+unchanged; the target loses the variance of e - x, which is what long intervals (one-step
+sampling) are slowest to average out (docs/benchmarks.md: 1-step accuracy 0.33 -> 0.48 after
+the same 800 fine-tuning steps). It costs one no-grad forward of the parent per step.
+
 Classifier-free guidance: text is dropped to the model's null condition at rate
 ``text_drop``; with guidance folded into training (MeanFlow's recipe) the velocity becomes
 v_g = w v + (1 - w - k) u_uncond + k u_cond for the rows that keep their text, u_* being the
-network's own predictions at r = t, so 1-step sampling needs one network evaluation.
+network's own predictions at r = t, so 1-step sampling needs one network evaluation. With a
+teacher, guidance uses the teacher's predictions: v_g = w v_cond + (1 - w) v_uncond.
 """
 
 from __future__ import annotations
@@ -43,6 +51,7 @@ class MeanFlowConfig:
     text_drop: float = 0.1  # probability of replacing a row's text by the null condition
     guidance_w: float = 1.0  # w in v_g = w v + (1 - w - k) u_uncond + k u_cond; w = 1, k = 0: no folding
     guidance_k: float = 0.0  # k above
+    velocity: Literal["data", "teacher"] = "data"  # v = e - x, or the fine-tuning parent's prediction at (z_t, t)
     jvp: Literal["forward_ad", "finite_difference"] = "forward_ad"  # how du/dt is computed
     # Step of the central finite difference. The time embedding's frequencies reach 1000 rad per
     # unit t, so the difference is exact only in float64 with a tiny step: an oracle, not a default.
@@ -59,6 +68,9 @@ class MeanFlowConfig:
             problems.append(f"text_drop must lie in [0, 1), got {self.text_drop}")
         if self.folds_guidance and self.text_drop == 0.0:
             problems.append("folding guidance into the target needs text_drop > 0 to learn the unconditional velocity")
+        if self.velocity == "teacher" and self.guidance_k != 0.0:
+            problems.append("guidance_k weighs the student's own conditional prediction; with velocity: teacher "
+                            "guidance is w v_cond + (1 - w) v_uncond of the teacher: set guidance_k to 0")
         if self.adaptive_p < 0 or self.adaptive_c <= 0:
             problems.append(f"need adaptive_p >= 0 and adaptive_c > 0, got {self.adaptive_p}, {self.adaptive_c}")
         if self.fd_eps <= 0:
@@ -94,16 +106,31 @@ def guided_velocity(net: nn.Module, z, t, v, text: tuple, drop, cfg: MeanFlowCon
     return torch.where(drop[:, None, None, None], v, v_guided.to(v.dtype))
 
 
+def teacher_velocity(teacher: nn.Module, z, t, text: tuple, drop, cfg: MeanFlowConfig) -> torch.Tensor:
+    """The teacher's velocity at (z_t, t): guided (w v_cond + (1 - w) v_uncond) for rows that keep their
+    text when guidance is folded, unconditional for dropped rows."""
+    with torch.no_grad():
+        if not cfg.folds_guidance:
+            return teacher(z, t, t, *text, drop)
+        v_cond, v_uncond = cond_and_uncond(teacher, z, t, t, *text)
+    w = cfg.guidance_w
+    return torch.where(drop[:, None, None, None], v_uncond, w * v_cond + (1 - w) * v_uncond)
+
+
 class MeanFlowLoss:
     """Callable objective: ``loss, stats = objective(model, x, tokens, mask, pooled, progress)``.
 
     ``model`` runs the gradient pass and may be a wrapper (DeepSpeed engine, DDP) that syncs
     gradients; ``net`` (default: model) is the plain module used for the no-grad passes,
-    since forward-mode AD does not run through such wrappers (FINDINGS.md #11).
+    since forward-mode AD does not run through such wrappers (FINDINGS.md #11). ``teacher``
+    (frozen, no gradients) supplies v when ``cfg.velocity`` is "teacher".
     """
 
-    def __init__(self, cfg: MeanFlowConfig):
-        self.cfg = cfg
+    def __init__(self, cfg: MeanFlowConfig, teacher: nn.Module | None = None):
+        if (cfg.velocity == "teacher") != (teacher is not None):
+            raise ValueError(f"velocity: {cfg.velocity} " + ("needs a teacher model (the fine-tuning parent)"
+                             if teacher is None else "takes no teacher model"))
+        self.cfg, self.teacher = cfg, teacher
 
     def __call__(self, model, x, text_tokens, text_mask, text_pooled, progress: float = 0.0, *,
                  net: nn.Module | None = None, generator: torch.Generator | None = None):
@@ -118,7 +145,10 @@ class MeanFlowLoss:
         noise = torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype)
         expand = lambda s: s.view(-1, 1, 1, 1).to(x.dtype)  # noqa: E731
         z = (1 - expand(t)) * x + expand(t) * noise
-        v = guided_velocity(net, z, t, noise - x, text, drop, cfg)
+        if self.teacher is not None:
+            v = teacher_velocity(self.teacher, z, t, text, drop, cfg).to(x.dtype)
+        else:
+            v = guided_velocity(net, z, t, noise - x, text, drop, cfg)
 
         target = v
         jvp_rows = (r != t).nonzero().squeeze(1)

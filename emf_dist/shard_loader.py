@@ -13,7 +13,9 @@ next batch to the training loop, so a corrupt shard shows up in the metrics, nev
 """
 from __future__ import annotations
 
+import functools
 import io
+import math
 import random
 from dataclasses import dataclass
 
@@ -41,8 +43,27 @@ class StreamSpec:
     storage_options: dict
 
 
+@functools.lru_cache(maxsize=256)
+def _npy_layout(header: bytes) -> tuple[np.dtype, tuple[int, ...], str]:
+    """(dtype, shape, order) of a .npy header. Every sample's member of one name has the same
+    header, so numpy's header parsing (a Python literal eval) runs once per layout, not per sample."""
+    stream = io.BytesIO(header)
+    version = np.lib.format.read_magic(stream)
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran_order, dtype = read_header(stream)
+    if dtype.hasobject:
+        raise ValueError("object arrays are not allowed (they would need pickle)")
+    return dtype, shape, "F" if fortran_order else "C"
+
+
 def _load_npy(data: bytes) -> np.ndarray:
-    return np.load(io.BytesIO(data), allow_pickle=False)
+    """np.load(allow_pickle=False) of in-memory bytes, with the header parse cached (read-only view)."""
+    if data[:6] != b"\x93NUMPY":
+        raise ValueError("not a .npy member")
+    header_end = 10 + int.from_bytes(data[8:10], "little") if data[6] == 1 else 12 + int.from_bytes(data[8:12], "little")
+    dtype, shape, order = _npy_layout(bytes(data[:header_end]))
+    count = math.prod(shape)
+    return np.frombuffer(data, dtype=dtype, count=count, offset=header_end).reshape(shape, order=order)
 
 
 def decode_sample(sample: dict, image_kind: str) -> dict:

@@ -115,6 +115,9 @@ class TrainConfig:
             problems.append("mode meanflow_finetune needs init_from: an exported flow-matching model folder")
         if self.mode != "meanflow_finetune" and self.init_from:
             problems.append(f"init_from is only used by mode meanflow_finetune (mode is {self.mode})")
+        if self.objective.velocity == "teacher" and self.mode != "meanflow_finetune":
+            problems.append("objective.velocity: teacher takes the fine-tuning parent as the teacher: it needs "
+                            f"mode meanflow_finetune and init_from (mode is {self.mode})")
         if (self.mode == "flow_matching") != (self.objective.mode == "flow_matching"):
             problems.append(f"mode {self.mode} needs objective.mode "
                             f"{'flow_matching' if self.mode == 'flow_matching' else 'meanflow'}")

@@ -35,12 +35,8 @@ class TooManyBadSteps(RuntimeError):
     pass
 
 
-def build_model(cfg: TrainConfig) -> VelocityNet:
-    """From scratch (seeded alike on every rank), or EMF's conversion of an exported FM model."""
-    torch.manual_seed(cfg.seed)
-    if cfg.mode != "meanflow_finetune":
-        return VelocityNet(cfg.model)
-    from emf_dist.convert import freeze_for_emf_finetune, meanflow_from_flow_matching
+def load_parent(cfg: TrainConfig) -> VelocityNet:
+    """meanflow_finetune's exported flow-matching model (cfg.init_from, a local folder or s3:// URL)."""
     from emf_dist.export import load_model
     with tempfile.TemporaryDirectory() as tmp:
         folder = cfg.init_from
@@ -49,10 +45,27 @@ def build_model(cfg: TrainConfig) -> VelocityNet:
             fs.get(path, tmp, recursive=True)
             folder = tmp
         parent, _ = load_model(folder)
+    return parent
+
+
+def build_model(cfg: TrainConfig, parent: VelocityNet | None) -> VelocityNet:
+    """From scratch (seeded alike on every rank), or EMF's conversion of the exported FM parent."""
+    torch.manual_seed(cfg.seed)
+    if cfg.mode != "meanflow_finetune":
+        return VelocityNet(cfg.model)
+    from emf_dist.convert import freeze_for_emf_finetune, meanflow_from_flow_matching
     model = meanflow_from_flow_matching(parent.cfg, parent.state_dict())
     model.cfg.checkpointing = cfg.model.checkpointing
     freeze_for_emf_finetune(model)
     return model
+
+
+def build_teacher(cfg: TrainConfig, parent: VelocityNet | None, device) -> VelocityNet | None:
+    """The frozen parent that supplies v under ``objective.velocity: teacher`` (no optimizer, no ZeRO:
+    it is only ever run forward, in every rank, so each keeps a full copy)."""
+    if cfg.objective.velocity != "teacher":
+        return None
+    return parent.to(device).eval().requires_grad_(False)
 
 
 def _gathered(engine):
@@ -101,10 +114,11 @@ class Trainer:
         os.environ.setdefault("LOCAL_RANK", str(ctx.get_local_rank()))
         self.on_gpu = cfg.scaling.use_gpu and torch.cuda.is_available()
         self.device = ray.train.torch.get_device() if self.on_gpu else torch.device("cpu")
-        model = build_model(cfg)
+        parent = load_parent(cfg) if cfg.mode == "meanflow_finetune" else None
+        model = build_model(cfg, parent)
         self.ema = EMA(model, cfg.ema_decay)  # before ZeRO-3 partitions the parameters
         self.engine = build_engine(model.to(self.device), cfg, self.world, self.on_gpu)
-        self.objective = MeanFlowLoss(cfg.objective)
+        self.objective = MeanFlowLoss(cfg.objective, teacher=build_teacher(cfg, parent, self.device))
         self.generator = torch.Generator(self.device).manual_seed(cfg.seed * 1000 + self.rank)
         self.grad_norm = 0.0  # of the last optimizer step; ZeRO-0 only (stages >= 1 keep their own)
         self.state = {"step": 0, "data": {"epoch": 0, "taken": 0}, "skipped_samples": 0, "bad_steps": 0,

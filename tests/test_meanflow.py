@@ -48,8 +48,9 @@ def test_network_jvp_equals_central_finite_difference():
     assert rel < 1e-8, f"JVP vs central difference: relative error {rel:.2e}"
 
 
-def _single_pass_reference(net, x, text, cfg, seed):
-    """MeanFlow as the papers write it: one forward under forward-mode AD, gradients through it."""
+def _single_pass_reference(net, x, text, cfg, seed, velocity=None):
+    """MeanFlow as the papers write it: one forward under forward-mode AD, gradients through it.
+    ``velocity(z, t, drop)`` replaces e - x (distillation from a teacher)."""
     gen = torch.Generator().manual_seed(seed)
     from emf_dist.time_sampling import sample_times
 
@@ -59,7 +60,7 @@ def _single_pass_reference(net, x, text, cfg, seed):
     noise = torch.randn(x.shape, generator=gen)
     e = lambda s: s.view(-1, 1, 1, 1)  # noqa: E731
     z = (1 - e(t)) * x + e(t) * noise
-    v = noise - x
+    v = noise - x if velocity is None else velocity(z, t, drop)
     with fwAD.dual_level():
         out = net(fwAD.make_dual(z, v), r, fwAD.make_dual(t, torch.ones_like(t)), *text, drop)
         u, du_dt = fwAD.unpack_dual(out)
@@ -154,3 +155,39 @@ def test_jvp_pass_runs_in_float32_under_bf16_autocast():
     assert du_dt.dtype == torch.float32
     exact = time_derivative(net, z, r, t, v, text, drop, cfg)
     torch.testing.assert_close(du_dt, exact)
+
+
+@pytest.mark.parametrize("guidance_w", [1.0, 1.5])
+def test_teacher_velocity_loss_and_gradients_equal_single_pass_reference(guidance_w):
+    """velocity: teacher regresses on the identity with the teacher's (guided) velocity as v and tangent."""
+    cfg = MeanFlowConfig(time=TimeSamplerConfig(r_neq_t=0.5), text_drop=0.3, jvp_float32=False,
+                         velocity="teacher", guidance_w=guidance_w)
+    net, x, text = _setup(batch=6)
+    teacher, _, _ = _setup(batch=6, seed=3)
+    teacher.requires_grad_(False)
+    all_rows = torch.ones(6, dtype=torch.bool)
+
+    def teacher_v(z, t, drop):  # two plain forwards, not the loss's doubled batch
+        v_cond, v_uncond = teacher(z, t, t, *text), teacher(z, t, t, *text, all_rows)
+        return torch.where(drop[:, None, None, None], v_uncond, guidance_w * v_cond + (1 - guidance_w) * v_uncond)
+
+    reference = _single_pass_reference(net, x, text, cfg, seed=11, velocity=teacher_v)
+    reference.backward()
+    ref_grads = _grads(net)
+    net.zero_grad()
+    loss, stats = MeanFlowLoss(cfg, teacher=teacher)(net, x, *text, generator=torch.Generator().manual_seed(11))
+    loss.backward()
+    assert stats["jvp_rows"] == 3
+    torch.testing.assert_close(loss, reference, rtol=1e-12, atol=0)
+    for name, grad in _grads(net).items():
+        torch.testing.assert_close(grad, ref_grads[name], rtol=1e-9, atol=1e-12, msg=name)
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_teacher_velocity_needs_a_teacher_and_no_student_guidance_weight():
+    net, _, _ = _setup()
+    with pytest.raises(ValueError, match="needs a teacher"):
+        MeanFlowLoss(MeanFlowConfig(velocity="teacher"))
+    with pytest.raises(ValueError, match="takes no teacher"):
+        MeanFlowLoss(MeanFlowConfig(), teacher=net)
+    assert any("guidance_k" in p for p in MeanFlowConfig(velocity="teacher", guidance_k=0.5).validate())

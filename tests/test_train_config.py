@@ -42,6 +42,8 @@ def test_impossible_batch_arithmetic_and_fault_options_are_refused():
         config(faults={"kill_rank": 2, "kill_at_step": 1, "max_failures": 1})
     with pytest.raises(ConfigError, match="needs init_from"):
         config(mode="meanflow_finetune")
+    with pytest.raises(ConfigError, match="velocity: teacher takes the fine-tuning parent"):
+        config(objective={"velocity": "teacher"})
 
 
 def test_encoder_fingerprint_mismatch_names_both_sides(tmp_path):

@@ -1,0 +1,80 @@
+"""MeanFlow fine-tuning variants from one flow-matching parent, scored by the scene benchmark.
+
+    python -m benchmarks.meanflow_finetune_variants --demo DEMO_DIR --name NAME [--steps 800]
+        [--velocity data|teacher] [--guidance-w 1.0] [--adaptive-p 0.5] [--lr 5e-4]
+        [--full-interval 0.0] [--images-per-prompt 16]
+
+DEMO_DIR is a finished `emf demo --out DEMO_DIR`: its shards and its exported flow-matching
+parent are reused, so every variant starts from the same weights and sees the same data. The
+fine-tune is the demo's (EMF conversion and freezing, EMF schedule r != t 0.5 -> 0.9, batch 64,
+EMA) in one process (emf_dist.local_trainer, the shards decoded into memory), which isolates
+the objective from the distributed trainer. Prints MeanFlow's overall accuracy at 1 / 2 / 4 steps
+and writes the model and report under DEMO_DIR/variants/NAME.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import glob
+import os
+
+import torch
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+from emf_dist.config import from_dict
+from emf_dist.convert import freeze_for_emf_finetune, meanflow_from_flow_matching
+from emf_dist.eval.run import EvalConfig, run_benchmark_job
+from emf_dist.export import SamplingInfo, export_model, load_model
+from emf_dist.local_trainer import InMemoryData, LocalTrainConfig, train_local
+from emf_dist.meanflow import MeanFlowConfig, MeanFlowLoss
+from emf_dist.shard_loader import decode_sample
+from emf_dist.time_sampling import TimeSamplerConfig
+
+
+def load_shards(folder: str) -> InMemoryData:
+    samples = []
+    for url in sorted(glob.glob(os.path.join(folder, "*.tar"))):
+        with open(url, "rb") as stream:
+            for raw in group_by_keys(tar_file_expander([{"url": url, "stream": stream}])):
+                samples.append(decode_sample(raw, "png"))
+    return InMemoryData(*(torch.stack([s[k] for s in samples]) for k in ("image", "tokens", "mask", "pooled")))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--demo", required=True)
+    parser.add_argument("--name", required=True)
+    parser.add_argument("--steps", type=int, default=800)
+    parser.add_argument("--velocity", choices=("data", "teacher"), default="teacher")
+    parser.add_argument("--guidance-w", type=float, default=1.0)
+    parser.add_argument("--adaptive-p", type=float, default=0.5)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--full-interval", type=float, default=0.0)
+    parser.add_argument("--images-per-prompt", type=int, default=16)
+    args = parser.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+
+    out = os.path.join(args.demo, "variants", args.name)
+    data = load_shards(os.path.join(args.demo, "steps", "prep"))
+    parent, info = load_model(glob.glob(os.path.join(args.demo, "steps/pretrain/*/pretrain/export"))[0])
+    model = meanflow_from_flow_matching(parent.cfg, parent.state_dict())
+    freeze_for_emf_finetune(model)
+    time_cfg = TimeSamplerConfig(schedule="emf", mu=-0.5, sigma=1.0, mu_end=0.5, sigma_end=2.0, r_neq_t=0.5,
+                                 r_neq_t_end=0.9, full_interval=args.full_interval)
+    objective_cfg = MeanFlowConfig(adaptive_p=args.adaptive_p, time=time_cfg, velocity=args.velocity,
+                                   guidance_w=args.guidance_w)
+    teacher = parent.eval().requires_grad_(False) if args.velocity == "teacher" else None
+    result = train_local(model, MeanFlowLoss(objective_cfg, teacher=teacher), data,
+                         LocalTrainConfig(steps=args.steps, batch_size=64, lr=args.lr, warmup=50, log_every=100))
+    result["ema"].copy_to(model)
+    export = export_model(model, dataclasses.replace(info, model=model.cfg, sampling=SamplingInfo(mean_flow=True)),
+                          os.path.join(out, "export"))
+    eval_cfg = from_dict(EvalConfig, {"run_encoders": False, "benchmark": {
+        "prompts_per_task": 8, "images_per_prompt": args.images_per_prompt, "cell": 8, "min_size": 6, "max_size": 7,
+        "flow_matching_steps": [], "meanflow_steps": [1, 2, 4], "calibration_scenes": 0, "progress": False}},
+        validate=True)
+    run_benchmark_job({"meanflow": export}, eval_cfg, os.path.join(out, "report"))
+
+
+if __name__ == "__main__":
+    main()
