@@ -1,0 +1,64 @@
+"""The demo recipe's bare training step against batch size: what one rank's step costs without
+the distributed trainer around it.
+
+    python -m benchmarks.demo_step_vs_batch [--batches 32 64 128] [--steps 15] [--threads 1]
+
+The `emf` spec's model (16 px, patch 4, width 128, 4 blocks, MiniLM-sized text), AdamW, random
+inputs of the shards' shapes; flow matching, and the MeanFlow fine-tune with EMF's freezing and
+a teacher (`objective.velocity: teacher`). One thread by default, as in a 1-CPU Ray Train worker.
+Compare with the steps/s the demo's progress lines report (docs/benchmarks.md, "The main job").
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from emf_dist.convert import freeze_for_emf_finetune, meanflow_from_flow_matching
+from emf_dist.meanflow import MeanFlowConfig, MeanFlowLoss
+from emf_dist.model import ModelConfig, VelocityNet
+from emf_dist.time_sampling import TimeSamplerConfig
+
+MODEL = ModelConfig(input_size=16, patch_size=4, width=128, depth=4, heads=4, text_dim=384, time_embedding="single",
+                    checkpointing=False)
+TEXT_TOKENS = 16
+
+
+def step_ms(model: VelocityNet, objective: MeanFlowLoss, batch: int, steps: int, warmup: int = 3) -> float:
+    x = torch.randn(batch, MODEL.in_channels, MODEL.input_size, MODEL.input_size)
+    tokens, pooled = torch.randn(batch, TEXT_TOKENS, MODEL.text_dim), torch.randn(batch, MODEL.text_dim)
+    mask = torch.ones(batch, TEXT_TOKENS, dtype=torch.bool)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    for i in range(warmup + steps):
+        if i == warmup:
+            start = time.perf_counter()
+        loss, _ = objective(model, x, tokens, mask, pooled, 0.5)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return (time.perf_counter() - start) / steps * 1e3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batches", type=int, nargs="+", default=[32, 64, 128])
+    parser.add_argument("--steps", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    parent = VelocityNet(MODEL)
+    student = meanflow_from_flow_matching(MODEL, parent.state_dict())
+    freeze_for_emf_finetune(student)
+    flow_matching = MeanFlowLoss(MeanFlowConfig(mode="flow_matching", adaptive_p=0.0))
+    meanflow = MeanFlowLoss(MeanFlowConfig(adaptive_p=0.5, velocity="teacher", time=TimeSamplerConfig(r_neq_t=0.7)),
+                            teacher=VelocityNet(MODEL).eval().requires_grad_(False))
+    print(f"bare step, {args.threads} thread(s), mean of {args.steps} steps:")
+    for batch in args.batches:
+        print(f"  batch {batch:4d}: flow matching {step_ms(parent, flow_matching, batch, args.steps):7.1f} ms   "
+              f"MeanFlow + teacher {step_ms(student, meanflow, batch, args.steps):7.1f} ms", flush=True)
+
+
+if __name__ == "__main__":
+    main()
