@@ -217,10 +217,15 @@ def _wait_until_ready(process: subprocess.Popen, cfg: LocalClusterConfig, token:
             raise ClusterError(f"`ray start` exited with code {process.returncode}:\n{_tail(log_path)}")
         try:
             _get_json(f"{cfg.dashboard_url}/api/version", token)
-            return
+            # `ray start` brings up the dashboard before the node's raylet: a head is ready for
+            # work only once both run (a busy machine showed the gap in a test).
+            if _raylet_running(process.pid):
+                return
         except (OSError, ValueError):
-            time.sleep(0.5)
-    raise ClusterError(f"the Ray head did not answer on {cfg.dashboard_url} within {cfg.start_timeout_s:.0f} s:\n"
+            pass
+        time.sleep(0.5)
+    raise ClusterError(f"the Ray head (job API on {cfg.dashboard_url}, raylet) was not up within "
+                       f"{cfg.start_timeout_s:.0f} s:\n"
                        f"{_tail(log_path)}")
 
 
@@ -259,6 +264,17 @@ def _group_alive(pgid: int) -> bool:
 
 def _all_pids() -> list[int]:
     return [int(p) for p in os.listdir("/proc") if p.isdigit()]
+
+
+def _raylet_running(pgid: int) -> bool:
+    return any(_pgid_of(pid) == pgid and _comm_of(pid) == "raylet" for pid in _all_pids())
+
+
+def _comm_of(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
 
 
 def _pgid_of(pid: int) -> int | None:
