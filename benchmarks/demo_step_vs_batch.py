@@ -11,10 +11,10 @@ Compare with the steps/s the demo's progress lines report (docs/benchmarks.md, "
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
+from benchmarks.measure import random_batch_step, time_and_peak
 from emf_dist.convert import freeze_for_emf_finetune, meanflow_from_flow_matching
 from emf_dist.meanflow import MeanFlowConfig, MeanFlowLoss
 from emf_dist.model import ModelConfig, VelocityNet
@@ -25,19 +25,10 @@ MODEL = ModelConfig(input_size=16, patch_size=4, width=128, depth=4, heads=4, te
 TEXT_TOKENS = 16
 
 
-def step_ms(model: VelocityNet, objective: MeanFlowLoss, batch: int, steps: int, warmup: int = 3) -> float:
-    x = torch.randn(batch, MODEL.in_channels, MODEL.input_size, MODEL.input_size)
-    tokens, pooled = torch.randn(batch, TEXT_TOKENS, MODEL.text_dim), torch.randn(batch, MODEL.text_dim)
-    mask = torch.ones(batch, TEXT_TOKENS, dtype=torch.bool)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    for i in range(warmup + steps):
-        if i == warmup:
-            start = time.perf_counter()
-        loss, _ = objective(model, x, tokens, mask, pooled, 0.5)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    return (time.perf_counter() - start) / steps * 1e3
+def step_ms(model: VelocityNet, objective: MeanFlowLoss, batch: int, steps: int) -> float:
+    """Median milliseconds of one AdamW step on a fixed random batch, after 3 warm-up steps."""
+    timed = time_and_peak(lambda: random_batch_step(model, objective, batch, TEXT_TOKENS), steps, warmup=3)
+    return timed["seconds"] * 1e3
 
 
 def main() -> None:
@@ -54,7 +45,7 @@ def main() -> None:
     flow_matching = MeanFlowLoss(MeanFlowConfig(mode="flow_matching", adaptive_p=0.0))
     meanflow = MeanFlowLoss(MeanFlowConfig(adaptive_p=0.5, velocity="teacher", time=TimeSamplerConfig(r_neq_t=0.7)),
                             teacher=VelocityNet(MODEL).eval().requires_grad_(False))
-    print(f"bare step, {args.threads} thread(s), mean of {args.steps} steps:")
+    print(f"bare step, {args.threads} thread(s), median of {args.steps} steps:")
     for batch in args.batches:
         print(f"  batch {batch:4d}: flow matching {step_ms(parent, flow_matching, batch, args.steps):7.1f} ms   "
               f"MeanFlow + teacher {step_ms(student, meanflow, batch, args.steps):7.1f} ms", flush=True)

@@ -19,7 +19,6 @@ import glob
 import os
 
 import torch
-from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from emf_dist.config import from_dict
 from emf_dist.convert import freeze_for_emf_finetune, meanflow_from_flow_matching
@@ -27,7 +26,7 @@ from emf_dist.eval.run import EvalConfig, run_benchmark_job
 from emf_dist.export import SamplingInfo, export_model, load_model
 from emf_dist.local_trainer import InMemoryData, LocalTrainConfig, train_local
 from emf_dist.meanflow import MeanFlowConfig, MeanFlowLoss
-from emf_dist.shard_loader import decode_sample
+from emf_dist.shard_loader import decode_sample, raw_samples
 from emf_dist.time_sampling import TimeSamplerConfig
 
 
@@ -35,7 +34,7 @@ def load_shards(folder: str) -> InMemoryData:
     samples = []
     for url in sorted(glob.glob(os.path.join(folder, "*.tar"))):
         with open(url, "rb") as stream:
-            for raw in group_by_keys(tar_file_expander([{"url": url, "stream": stream}])):
+            for raw in raw_samples(url, stream):
                 samples.append(decode_sample(raw, "png"))
     return InMemoryData(*(torch.stack([s[k] for s in samples]) for k in ("image", "tokens", "mask", "pooled")))
 

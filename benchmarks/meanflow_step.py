@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-from benchmarks.measure import run_isolated, time_and_peak
+from benchmarks.measure import random_batch_step, run_isolated, time_and_peak
 from emf_dist.meanflow import MeanFlowConfig, MeanFlowLoss
 from emf_dist.model import ModelConfig, VelocityNet, parameter_count
 from emf_dist.time_sampling import TimeSamplerConfig
@@ -35,18 +35,7 @@ def build_step(spec: dict):
     model = VelocityNet(cfg)
     mode = "flow_matching" if spec["r_neq_t"] == 0 else "meanflow"
     objective = MeanFlowLoss(MeanFlowConfig(mode=mode, time=TimeSamplerConfig(r_neq_t=spec["r_neq_t"])))
-    batch = size["batch"]
-    x = torch.randn(batch, 3, 32, 32)
-    tokens, mask, pooled = torch.randn(batch, 16, 384), torch.ones(batch, 16, dtype=torch.bool), torch.randn(batch, 384)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    generator = torch.Generator().manual_seed(0)
-
-    def step():
-        loss, _ = objective(model, x, tokens, mask, pooled, generator=generator)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
+    step = random_batch_step(model, objective, size["batch"], generator=torch.Generator().manual_seed(0))
     return step, parameter_count(model)
 
 

@@ -17,6 +17,8 @@ import sys
 import time
 from typing import Callable
 
+import torch
+
 
 def _status_kib(field: str) -> int:
     with open("/proc/self/status") as f:
@@ -50,3 +52,20 @@ def run_isolated(module: str, spec: dict) -> dict:
     if proc.returncode != 0:
         raise RuntimeError(f"{module} {spec} failed:\n{proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def random_batch_step(model, objective, batch: int, text_tokens: int = 16, generator=None) -> Callable[[], None]:
+    """One AdamW step of ``objective`` on a fixed random batch of the model's input shapes, as a closure."""
+    cfg = model.cfg
+    x = torch.randn(batch, cfg.in_channels, cfg.input_size, cfg.input_size)
+    tokens, pooled = torch.randn(batch, text_tokens, cfg.text_dim), torch.randn(batch, cfg.text_dim)
+    mask = torch.ones(batch, text_tokens, dtype=torch.bool)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def step() -> None:
+        loss, _ = objective(model, x, tokens, mask, pooled, generator=generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step

@@ -16,14 +16,13 @@ import time
 from unittest import mock
 
 import numpy as np
-from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from emf_dist import shard_loader
 
 
 def read_raw(path: str) -> list[dict]:
     with open(path, "rb") as stream:
-        return list(group_by_keys(tar_file_expander([{"url": path, "stream": stream}])))
+        return list(shard_loader.raw_samples(path, stream))
 
 
 def decode_all(raw: list[dict], image_kind: str) -> float:

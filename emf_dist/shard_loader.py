@@ -66,6 +66,11 @@ def _load_npy(data: bytes) -> np.ndarray:
     return np.frombuffer(data, dtype=dtype, count=count, offset=header_end).reshape(shape, order=order)
 
 
+def raw_samples(url: str, stream):
+    """A shard's samples as WebDataset groups them: {"__key__": ..., member name: bytes, ...}."""
+    return wds.tariterators.group_by_keys(wds.tariterators.tar_file_expander([{"url": url, "stream": stream}]))
+
+
 def decode_sample(sample: dict, image_kind: str) -> dict:
     """Raw tar members -> float tensors; raises on anything malformed (the caller counts it)."""
     member = IMAGE_MEMBERS[image_kind]
@@ -102,8 +107,7 @@ class ShardStream(IterableDataset):
             url, good, error = rng.choice(self.spec.urls), 0, None
             try:
                 with fsspec.open(url, "rb", **self.spec.storage_options) as stream:
-                    for raw in wds.tariterators.group_by_keys(
-                            wds.tariterators.tar_file_expander([{"url": url, "stream": stream}])):
+                    for raw in raw_samples(url, stream):
                         try:
                             sample = decode_sample(raw, self.spec.image_kind)
                         except Exception:  # noqa: BLE001 - a bad sample is counted, never fatal
