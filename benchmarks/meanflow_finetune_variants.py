@@ -2,13 +2,14 @@
 
     python -m benchmarks.meanflow_finetune_variants --demo DEMO_DIR --name NAME [--steps 800]
         [--velocity data|teacher] [--guidance-w 1.0] [--adaptive-p 0.5] [--lr 5e-4]
-        [--full-interval 0.0] [--images-per-prompt 16]
+        [--full-interval 0.0] [--decay constant|cosine|linear] [--images-per-prompt 16] [--parent FM_EXPORT]
 
 DEMO_DIR is a finished `emf demo --out DEMO_DIR`: its shards and its exported flow-matching
-parent are reused, so every variant starts from the same weights and sees the same data. The
-fine-tune is the demo's (EMF conversion and freezing, EMF schedule r != t 0.5 -> 0.9, batch 64,
-EMA) in one process (emf_dist.local_trainer, the shards decoded into memory), which isolates
-the objective from the distributed trainer. Prints MeanFlow's overall accuracy at 1 / 2 / 4 steps
+parent (or the one --parent names, e.g. from benchmarks.flow_matching_parent) are reused, so
+every variant starts from the same weights and sees the same data. The fine-tune is the demo's
+(EMF conversion and freezing, EMF schedule r != t 0.5 -> 0.9, batch 64, EMA) in one process
+(emf_dist.local_trainer, the shards decoded into memory), which isolates the objective from the
+distributed trainer. Prints MeanFlow's overall accuracy at 1 / 2 / 4 steps
 and writes the model and report under DEMO_DIR/variants/NAME.
 """
 from __future__ import annotations
@@ -43,19 +44,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--demo", required=True)
     parser.add_argument("--name", required=True)
+    parser.add_argument("--parent", help="the flow-matching parent's export folder (default: the demo's)")
     parser.add_argument("--steps", type=int, default=800)
     parser.add_argument("--velocity", choices=("data", "teacher"), default="teacher")
     parser.add_argument("--guidance-w", type=float, default=1.0)
     parser.add_argument("--adaptive-p", type=float, default=0.5)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--full-interval", type=float, default=0.0)
+    parser.add_argument("--decay", choices=("constant", "cosine", "linear"), default="constant")
+    parser.add_argument("--min-lr-ratio", type=float, default=0.1)
     parser.add_argument("--images-per-prompt", type=int, default=16)
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
 
     out = os.path.join(args.demo, "variants", args.name)
     data = load_shards(os.path.join(args.demo, "steps", "prep"))
-    parent, info = load_model(glob.glob(os.path.join(args.demo, "steps/pretrain/*/pretrain/export"))[0])
+    parent, info = load_model(args.parent or glob.glob(os.path.join(args.demo, "steps/pretrain/*/pretrain/export"))[0])
     model = meanflow_from_flow_matching(parent.cfg, parent.state_dict())
     freeze_for_emf_finetune(model)
     time_cfg = TimeSamplerConfig(schedule="emf", mu=-0.5, sigma=1.0, mu_end=0.5, sigma_end=2.0, r_neq_t=0.5,
@@ -64,15 +68,21 @@ def main() -> None:
                                    guidance_w=args.guidance_w)
     teacher = parent.eval().requires_grad_(False) if args.velocity == "teacher" else None
     result = train_local(model, MeanFlowLoss(objective_cfg, teacher=teacher), data,
-                         LocalTrainConfig(steps=args.steps, batch_size=64, lr=args.lr, warmup=50, log_every=100))
+                         LocalTrainConfig(steps=args.steps, batch_size=64, lr=args.lr, warmup=50, decay=args.decay,
+                                          min_lr_ratio=args.min_lr_ratio, log_every=100))
     result["ema"].copy_to(model)
     export = export_model(model, dataclasses.replace(info, model=model.cfg, sampling=SamplingInfo(mean_flow=True)),
                           os.path.join(out, "export"))
+    score({"meanflow": export}, os.path.join(out, "report"), args.images_per_prompt, meanflow_steps=[1, 2, 4])
+
+
+def score(models: dict, out: str, images_per_prompt: int, meanflow_steps=(), flow_matching_steps=()) -> None:
+    """The demo's scene benchmark (its layout, 48 prompts) at the given step counts, no CFG."""
     eval_cfg = from_dict(EvalConfig, {"run_encoders": False, "benchmark": {
-        "prompts_per_task": 8, "images_per_prompt": args.images_per_prompt, "cell": 8, "min_size": 6, "max_size": 7,
-        "flow_matching_steps": [], "meanflow_steps": [1, 2, 4], "calibration_scenes": 0, "progress": False}},
-        validate=True)
-    run_benchmark_job({"meanflow": export}, eval_cfg, os.path.join(out, "report"))
+        "prompts_per_task": 8, "images_per_prompt": images_per_prompt, "cell": 8, "min_size": 6, "max_size": 7,
+        "flow_matching_steps": list(flow_matching_steps), "flow_matching_guidance": [1.0],
+        "meanflow_steps": list(meanflow_steps), "calibration_scenes": 0, "progress": False}}, validate=True)
+    run_benchmark_job(models, eval_cfg, out)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ config runs on CPU (gloo) and GPU (NCCL) without DeepSpeed's CUDA-only fused opt
 """
 from __future__ import annotations
 
-import math
 import os
 
 import torch
@@ -36,18 +35,6 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
     }
 
 
-def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up, then constant / cosine / linear decay to min_lr_ratio at the last step."""
-    o = cfg.optim
-    if step < o.warmup_steps:
-        return (step + 1) / o.warmup_steps
-    if o.decay == "constant":
-        return 1.0
-    progress = min(1.0, (step - o.warmup_steps) / max(1, cfg.steps - o.warmup_steps))
-    shape = 0.5 * (1 + math.cos(math.pi * progress)) if o.decay == "cosine" else 1 - progress
-    return o.min_lr_ratio + (1 - o.min_lr_ratio) * shape
-
-
 def _skip_shared_memory_comm_build() -> None:
     """DeepSpeed's comm backend JIT-compiles a shared-memory all-reduce on CPU at start-up that
     only its inference all-reduce uses (training's collectives go through torch.distributed,
@@ -69,7 +56,7 @@ def build_engine(model: nn.Module, cfg: TrainConfig, world_size: int, on_gpu: bo
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                                   weight_decay=cfg.optim.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: cfg.optim.lr_factor(step, cfg.steps))
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, optimizer=optimizer,
                                            lr_scheduler=schedule, config=deepspeed_config(cfg, world_size),
                                            dist_init_required=False)

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
 from emf_dist.ema import EMA
 from emf_dist.meanflow import MeanFlowLoss
 from emf_dist.model import VelocityNet
+from emf_dist.train_config import OptimConfig
 
 
 @dataclass
@@ -37,6 +39,8 @@ class LocalTrainConfig:
     lr: float = 3e-4
     weight_decay: float = 0.0
     warmup: int = 50  # linear learning-rate warm-up steps
+    decay: Literal["constant", "cosine", "linear"] = "constant"  # after warm-up, towards min_lr_ratio * lr
+    min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     seed: int = 0
@@ -49,7 +53,8 @@ def train_local(model: VelocityNet, objective: MeanFlowLoss, data: InMemoryData,
     generator = torch.Generator().manual_seed(cfg.seed)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup)))
+    lr_shape = OptimConfig(warmup_steps=cfg.warmup, decay=cfg.decay, min_lr_ratio=cfg.min_lr_ratio)  # as emf train
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_shape.lr_factor(s, cfg.steps))
     ema = ema or EMA(model, cfg.ema_decay)
     history = []
     start = time.perf_counter()

@@ -41,6 +41,11 @@ class ModelConfig:
     # smaller values give a smoother u(t) and a better-conditioned du/dt for MeanFlow.
     time_scale: float = 1000.0
     checkpointing: bool = False  # recompute each block in the backward pass (saves activation memory)
+    # What the last layer predicts. "velocity": u itself. "data": a clean image x, returned as
+    # u = (z_t - x) / max(t, data_min_t), so a one-step sample z_1 - u(z_1, 0, 1) is the network's x
+    # and the network never has to reproduce the noise (JiT's x-prediction; pixel MeanFlow).
+    prediction: Literal["velocity", "data"] = "velocity"
+    data_min_t: float = 0.05  # the clamp on t in that division (near t = 0, z_t is x already)
 
     @property
     def tokens(self) -> int:
@@ -59,6 +64,8 @@ class ModelConfig:
         for name in ("input_size", "in_channels", "patch_size", "depth", "heads", "text_dim"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 < self.data_min_t <= 1:
+            problems.append(f"data_min_t must lie in (0, 1], got {self.data_min_t}")
         if self.mlp_ratio <= 0:
             problems.append(f"mlp_ratio must be > 0, got {self.mlp_ratio}")
         return problems
@@ -216,7 +223,10 @@ class VelocityNet(nn.Module):
                 x = checkpoint(block, x, c, text, text_mask, use_reentrant=False)
             else:
                 x = block(x, c, text, text_mask)
-        return self.unpatchify(self.final(x, c))
+        out = self.unpatchify(self.final(x, c))
+        if self.cfg.prediction == "data":
+            return (z - out) / t.clamp(min=self.cfg.data_min_t).view(-1, 1, 1, 1).to(z.dtype)
+        return out
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         p, ch, side = self.cfg.patch_size, self.cfg.in_channels, self.cfg.input_size // self.cfg.patch_size

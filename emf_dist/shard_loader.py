@@ -7,6 +7,11 @@ steps whatever the shard sizes. Everything random is seeded by (seed, epoch, ran
 worker), so a resumed run rebuilds the epoch's stream and skips the batches it already
 consumed: the data position is just (epoch, batches taken).
 
+A rank that decodes in its own process (``loader_workers: 0``) can keep decoded shards in
+memory (``DecodedShardCache``, ``data.cache_mib``): a small dataset that fits is then read and
+decoded once instead of on every draw, and the stream stays the same batch for batch (decoding
+is deterministic, and a cached shard replays its skip count).
+
 Samples decode without pickle (``np.load(allow_pickle=False)``, PNG via PIL). A sample or
 shard that fails to read or decode is skipped and counted; the count rides along with the
 next batch to the training loop, so a corrupt shard shows up in the metrics, never as a hang.
@@ -89,11 +94,28 @@ def decode_sample(sample: dict, image_kind: str) -> dict:
     return {"image": image, "tokens": tokens, "mask": mask, "pooled": pooled}
 
 
+class DecodedShardCache:
+    """Decoded shards kept whole, up to a byte budget; shards that no longer fit are decoded on every draw.
+
+    A shard is kept as its sequence of decoded samples and skips (None), so a replay counts each
+    skip exactly where decoding met it: the count rides with the batch it fell in."""
+
+    def __init__(self, budget_bytes: int):
+        self.budget_bytes, self.used_bytes = budget_bytes, 0
+        self.shards: dict[str, list[dict | None]] = {}
+
+    def offer(self, url: str, samples_and_skips: list[dict | None]) -> None:
+        size = sum(t.nbytes for sample in samples_and_skips if sample is not None for t in sample.values())
+        if self.used_bytes + size <= self.budget_bytes:
+            self.shards[url] = samples_and_skips
+            self.used_bytes += size
+
+
 class ShardStream(IterableDataset):
     """One epoch of one rank's batches; each DataLoader worker yields its share of them."""
 
-    def __init__(self, spec: StreamSpec, epoch: int):
-        self.spec, self.epoch = spec, epoch
+    def __init__(self, spec: StreamSpec, epoch: int, cache: DecodedShardCache | None = None):
+        self.spec, self.epoch, self.cache = spec, epoch, cache
         self.skipped = 0
 
     def _worker(self) -> tuple[int, int]:
@@ -105,24 +127,44 @@ class ShardStream(IterableDataset):
         empty_in_a_row = 0  # shards that gave no usable sample: all bad means fail loudly, not spin
         while True:
             url, good, error = rng.choice(self.spec.urls), 0, None
-            try:
-                with fsspec.open(url, "rb", **self.spec.storage_options) as stream:
-                    for raw in raw_samples(url, stream):
-                        try:
-                            sample = decode_sample(raw, self.spec.image_kind)
-                        except Exception:  # noqa: BLE001 - a bad sample is counted, never fatal
-                            self.skipped += 1
-                            continue
+            cached = self.cache.shards.get(url) if self.cache is not None else None
+            if cached is not None:
+                for sample in cached:
+                    if sample is None:
+                        self.skipped += 1
+                        continue
+                    good += 1
+                    yield sample
+            else:
+                try:
+                    for sample in self._decode_shard(url):
                         good += 1
                         yield sample
-            except Exception as exc:  # noqa: BLE001 - unreadable or truncated shard: count it, draw another
-                self.skipped += 1
-                error = exc
+                except Exception as exc:  # noqa: BLE001 - unreadable or truncated shard: count it, draw another
+                    self.skipped += 1
+                    error = exc
             empty_in_a_row = 0 if good else empty_in_a_row + 1
             if empty_in_a_row >= MAX_EMPTY_SHARDS_IN_A_ROW:
                 raise RuntimeError(f"{empty_in_a_row} shards in a row gave no readable sample (last: {url}"
                                    f"{f': {error}' if error else ''}); check the dataset URL, credentials "
                                    "and endpoint, or re-run `emf prep`")
+
+    def _decode_shard(self, url: str):
+        """A shard's good samples (bad ones counted), offered whole to the cache once read to its end."""
+        decoded = []
+        with fsspec.open(url, "rb", **self.spec.storage_options) as stream:
+            for raw in raw_samples(url, stream):
+                try:
+                    sample = decode_sample(raw, self.spec.image_kind)
+                except Exception:  # noqa: BLE001 - a bad sample is counted, never fatal
+                    sample = None
+                    self.skipped += 1
+                if self.cache is not None:
+                    decoded.append(sample)
+                if sample is not None:
+                    yield sample
+        if self.cache is not None:
+            self.cache.offer(url, decoded)
 
     def _shuffled(self, rng: random.Random):
         buffer = []
@@ -145,23 +187,28 @@ class ShardStream(IterableDataset):
             yield collated
 
 
-def epoch_loader(spec: StreamSpec, epoch: int, loader_workers: int) -> DataLoader:
+def epoch_loader(spec: StreamSpec, epoch: int, loader_workers: int,
+                 cache: DecodedShardCache | None = None) -> DataLoader:
     """Batches are assembled inside the loader workers (batch_size=None passes them through)."""
-    return DataLoader(ShardStream(spec, epoch), batch_size=None, num_workers=loader_workers,
+    return DataLoader(ShardStream(spec, epoch, cache), batch_size=None, num_workers=loader_workers,
                       persistent_workers=False, prefetch_factor=2 if loader_workers else None)
 
 
 class BatchIterator:
     """Endless batches for one rank with a resumable position (epoch, batches taken)."""
 
-    def __init__(self, spec: StreamSpec, loader_workers: int, epoch: int = 0, taken: int = 0):
+    def __init__(self, spec: StreamSpec, loader_workers: int, epoch: int = 0, taken: int = 0, cache_mib: int = 0):
+        if cache_mib and loader_workers:
+            raise ValueError("data.cache_mib keeps decoded shards in the training process: it needs data."
+                             "loader_workers: 0 (loader processes would each fill a copy and drop it every epoch)")
         self.spec, self.loader_workers = spec, loader_workers
         self.epoch, self.taken = epoch, taken
         self.skipped = 0
+        self.cache = DecodedShardCache(cache_mib * 2**20) if cache_mib else None
         self._iter = self._open(skip=taken)
 
     def _open(self, skip: int):
-        it = iter(epoch_loader(self.spec, self.epoch, self.loader_workers))
+        it = iter(epoch_loader(self.spec, self.epoch, self.loader_workers, self.cache))
         for _ in range(skip):  # resume: replay the epoch's stream up to where the run stopped
             next(it)
         return it

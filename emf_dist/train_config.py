@@ -6,6 +6,7 @@ against the model and encoder.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -21,6 +22,7 @@ class DataConfig:
     samples_per_epoch: int = 0     # 0: the manifest's sample count
     shuffle_buffer: int = 256      # samples held per loader worker for shuffling
     loader_workers: int = 1        # DataLoader processes per training worker (0: in the training process)
+    cache_mib: int = 0             # with loader_workers 0: keep decoded shards in memory up to this many MiB
     text_length: int | None = None  # expected L of the token states (None: take the manifest's)
 
 
@@ -33,6 +35,16 @@ class OptimConfig:
     decay: Literal["constant", "cosine", "linear"] = "constant"  # after warm-up, towards min_lr_ratio * lr
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
+
+    def lr_factor(self, step: int, total_steps: int) -> float:
+        """Linear warm-up, then constant / cosine / linear decay to min_lr_ratio at the last step."""
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        if self.decay == "constant":
+            return 1.0
+        progress = min(1.0, (step - self.warmup_steps) / max(1, total_steps - self.warmup_steps))
+        shape = 0.5 * (1 + math.cos(math.pi * progress)) if self.decay == "cosine" else 1 - progress
+        return self.min_lr_ratio + (1 - self.min_lr_ratio) * shape
 
 
 @dataclass
@@ -125,6 +137,10 @@ class TrainConfig:
             problems.append(f"stop_after must lie in [0, steps={self.steps}], got {self.stop_after}")
         if self.checkpoint_every < 1 or self.keep_checkpoints < 1:
             problems.append("checkpoint_every and keep_checkpoints must be >= 1")
+        if self.data.cache_mib < 0 or (self.data.cache_mib and self.data.loader_workers):
+            problems.append("data.cache_mib must be >= 0, and is only used with data.loader_workers: 0 (decoding "
+                            f"in the training process); got cache_mib {self.data.cache_mib}, loader_workers "
+                            f"{self.data.loader_workers}")
         if self.data.samples_per_epoch and self.data.samples_per_epoch < self.micro_batch * self.grad_accum:
             problems.append(f"data.samples_per_epoch {self.data.samples_per_epoch} is smaller than one worker's "
                             f"optimizer-step batch ({self.micro_batch} x {self.grad_accum})")

@@ -144,7 +144,7 @@ class Trainer:
         spec = stream_spec(manifest, cfg.data.url, micro_batch=cfg.micro_batch, world_size=self.world,
                            rank=self.rank, samples_per_epoch=cfg.data.samples_per_epoch,
                            shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.seed, storage_options=options)
-        return BatchIterator(spec, cfg.data.loader_workers, **self.state["data"])
+        return BatchIterator(spec, cfg.data.loader_workers, **self.state["data"], cache_mib=cfg.data.cache_mib)
 
     def _micro_step(self, progress: float) -> tuple[float, float] | None:
         """Forward + backward of one micro-batch; None (and no backward) if any rank's loss is bad."""

@@ -17,9 +17,10 @@ from emf_dist.text_encoder import TextEncoder, TextEncoderConfig
 from tests.helpers import random_text, randomised, tiny_config
 
 
-def test_conversion_keeps_outputs_of_the_flow_matching_model():
+@pytest.mark.parametrize("prediction", ["velocity", "data"])
+def test_conversion_keeps_outputs_of_the_flow_matching_model(prediction):
     torch.manual_seed(0)
-    fm_cfg = tiny_config(time_embedding="single")
+    fm_cfg = tiny_config(time_embedding="single", prediction=prediction)
     fm = randomised(VelocityNet(fm_cfg))
     mf = meanflow_from_flow_matching(fm_cfg, fm.state_dict())
     assert mf.cfg.time_embedding == "dual"
@@ -34,6 +35,24 @@ def test_conversion_keeps_outputs_of_the_flow_matching_model():
     # ... and it is trainable: its output layer gets a gradient.
     mf(z, torch.zeros(3), t, *text).square().sum().backward()
     assert mf.t_interval_embedder.mlp[2].weight.grad.abs().sum() > 0
+
+
+def test_data_prediction_returns_the_velocity_of_its_clean_image_and_one_step_gives_that_image():
+    """prediction: data is the velocity network's last layer read as x: u = (z - x) / max(t, data_min_t)."""
+    torch.manual_seed(0)
+    velocity_net = randomised(VelocityNet(tiny_config()))
+    data_net = VelocityNet(tiny_config(prediction="data", data_min_t=0.05))
+    data_net.load_state_dict(velocity_net.state_dict())
+    z = torch.randn(4, 3, 8, 8)
+    r, t = torch.tensor([0.0, 0.2, 0.0, 0.01]), torch.tensor([1.0, 0.7, 0.3, 0.02])
+    text = random_text(4, 5, 12)
+    with torch.no_grad():
+        x = velocity_net(z, r, t, *text)  # the shared last layer's output, read as a clean image
+        u = data_net(z, r, t, *text)
+        torch.testing.assert_close(u, (z - x) / torch.tensor([1.0, 0.7, 0.3, 0.05]).view(-1, 1, 1, 1))
+        one_step = velocity_net(z, torch.zeros(4), torch.ones(4), *text)
+        torch.testing.assert_close(sample(data_net, z, *text, steps=1), one_step)
+    assert tiny_config(prediction="data", data_min_t=0.0).validate()
 
 
 def test_conversion_refuses_a_meanflow_model():

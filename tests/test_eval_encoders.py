@@ -67,8 +67,11 @@ def test_length_bucketed_encoding_equals_the_text_encoder(padding_side, pooling)
                 "bottom.", "an orange triangle to the left of a cyan circle"]
     want, got = encoder.encode(captions), _TransformersAdapter(encoder, "minilm").encode(captions)
     assert torch.equal(want.mask, got.mask)
-    torch.testing.assert_close(got.tokens, want.tokens.float(), rtol=0, atol=0)
-    torch.testing.assert_close(got.pooled, want.pooled.float(), rtol=0, atol=0)
+    # Equal up to one float16 step (the stored precision): shorter padding changes the attention
+    # kernel's summation order, and since transformers 5.24 that moves a few values by one ulp.
+    # A wrong mask or padding side moves them by orders of magnitude more.
+    torch.testing.assert_close(got.tokens, want.tokens.float(), rtol=2 ** -10, atol=2 ** -10)
+    torch.testing.assert_close(got.pooled, want.pooled.float(), rtol=2 ** -10, atol=2 ** -10)
 
 
 def test_units_and_reductions_are_fixed_by_the_seed():

@@ -30,8 +30,9 @@ def _setup(batch=4, seed=0, **model_overrides):
     return net, x, text
 
 
-def test_network_jvp_equals_central_finite_difference():
-    net, z, text = _setup()
+@pytest.mark.parametrize("prediction", ["velocity", "data"])
+def test_network_jvp_equals_central_finite_difference(prediction):
+    net, z, text = _setup(prediction=prediction)
     gen = torch.Generator().manual_seed(7)
     v = torch.randn(z.shape, generator=gen)
     r = torch.tensor([0.1, 0.2, 0.0, 0.5])

@@ -9,7 +9,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from emf_dist.shard_loader import BatchIterator, StreamSpec, _load_npy
+from emf_dist.shard_loader import BatchIterator, DecodedShardCache, StreamSpec, _load_npy
 
 
 def npy_bytes(array: np.ndarray, version=None, allow_pickle=False) -> bytes:
@@ -79,3 +79,36 @@ def test_batches_decode_every_good_sample_and_count_the_bad_ones(tmp_path):
                                atol=1e-3, rtol=0)
     assert batch["mask"].dtype == torch.bool and batch["mask"][0].tolist() == [True, True, False]
     assert batches.skipped == 3
+
+
+def test_decoded_shard_cache_gives_the_same_stream_and_skip_counts_across_epochs(tmp_path):
+    """data.cache_mib: shards decoded once and replayed from memory; batches, epochs and skipped counts
+    are those of decoding every draw, and a budget too small for a shard caches nothing."""
+    urls = []
+    for shard in range(3):
+        samples = [good_sample(f"{shard}{i:02d}", 20 * shard + i) for i in range(5)]
+        bad = dict(good_sample(f"{shard}bad", 0), png=b"\x89PNG not really")
+        write_shard(tmp_path / f"{shard:06d}.tar", samples[:2] + [bad] + samples[2:])
+        urls.append(str(tmp_path / f"{shard:06d}.tar"))
+    spec = StreamSpec(urls=urls, image_kind="png", micro_batch=4, batches_per_epoch=5, shuffle_buffer=3,
+                      seed=7, rank=1, storage_options={})
+
+    def stream(cache_mib):
+        batches = BatchIterator(spec, loader_workers=0, cache_mib=cache_mib)
+        taken = [next(batches) for _ in range(12)]  # two epochs and a bit
+        return taken, batches
+
+    plain, plain_iter = stream(0)
+    cached, cached_iter = stream(1)
+    for a, b in zip(plain, cached):
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    assert cached_iter.skipped == plain_iter.skipped > 0
+    assert cached_iter.position() == plain_iter.position() == {"epoch": 2, "taken": 2}
+    assert set(cached_iter.cache.shards) == set(urls)  # every shard decoded once, then served from memory
+    shard_bytes = cached_iter.cache.used_bytes // 3
+    tight = DecodedShardCache(shard_bytes - 1)
+    tight.offer(urls[0], cached_iter.cache.shards[urls[0]])
+    assert tight.shards == {} and tight.used_bytes == 0
+    with pytest.raises(ValueError, match="loader_workers: 0"):
+        BatchIterator(spec, loader_workers=1, cache_mib=1)

@@ -5,7 +5,7 @@ import pytest
 
 from emf_dist.cli import main
 from emf_dist.config import ConfigError, from_dict
-from emf_dist.engine import deepspeed_config, lr_factor
+from emf_dist.engine import deepspeed_config
 from emf_dist.manifest import ImageSpec, Manifest, ShardEntry
 from emf_dist.text_encoder import TextEncoder, TextEncoderConfig
 from emf_dist.train import check_data
@@ -44,6 +44,8 @@ def test_impossible_batch_arithmetic_and_fault_options_are_refused():
         config(mode="meanflow_finetune")
     with pytest.raises(ConfigError, match="velocity: teacher takes the fine-tuning parent"):
         config(objective={"velocity": "teacher"})
+    with pytest.raises(ConfigError, match="only used with data.loader_workers: 0"):
+        config(data={"url": "x", "cache_mib": 256, "loader_workers": 2})
 
 
 def test_encoder_fingerprint_mismatch_names_both_sides(tmp_path):
@@ -75,7 +77,7 @@ def test_deepspeed_config_batch_arithmetic_and_zero3_linear():
 
 def test_learning_rate_schedule_warms_up_then_decays():
     cfg = config(steps=110, optim={"warmup_steps": 10, "decay": "cosine", "min_lr_ratio": 0.1})
-    assert lr_factor(0, cfg) == pytest.approx(0.1)
-    assert lr_factor(9, cfg) == pytest.approx(1.0)
-    assert lr_factor(60, cfg) == pytest.approx(0.55)
-    assert lr_factor(110, cfg) == pytest.approx(0.1)
+    assert cfg.optim.lr_factor(0, cfg.steps) == pytest.approx(0.1)
+    assert cfg.optim.lr_factor(9, cfg.steps) == pytest.approx(1.0)
+    assert cfg.optim.lr_factor(60, cfg.steps) == pytest.approx(0.55)
+    assert cfg.optim.lr_factor(110, cfg.steps) == pytest.approx(0.1)

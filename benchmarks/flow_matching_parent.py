@@ -1,0 +1,58 @@
+"""The demo's flow-matching parent trained in one process, for comparing parent variants.
+
+    python -m benchmarks.flow_matching_parent --demo DEMO_DIR --name NAME [--prediction data|velocity]
+        [--steps 1500] [--depth 4] [--width 128] [--images-per-prompt 16]
+
+DEMO_DIR is a finished `emf demo --out DEMO_DIR`: its shards are reused. The recipe is the `emf`
+spec's pretraining (16-px scenes, 4-block width-128 DiT, patch 4, logit-normal(0, 1) times, plain
+squared error, lr 1e-3, batch 64, EMA) in emf_dist.local_trainer with the shards in memory. Writes
+the export to DEMO_DIR/parents/NAME and prints flow matching's overall accuracy at 1 / 4 / 32 Euler
+steps; `python -m benchmarks.meanflow_finetune_variants --parent DEMO_DIR/parents/NAME` fine-tunes it.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import glob
+import os
+
+import torch
+
+from benchmarks.meanflow_finetune_variants import load_shards, score
+from emf_dist.export import export_model, load_model
+from emf_dist.local_trainer import LocalTrainConfig, train_local
+from emf_dist.meanflow import MeanFlowConfig, MeanFlowLoss
+from emf_dist.model import ModelConfig, VelocityNet
+from emf_dist.time_sampling import TimeSamplerConfig
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--demo", required=True)
+    parser.add_argument("--name", required=True)
+    parser.add_argument("--prediction", choices=("data", "velocity"), default="data")
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--depth", type=int, default=4)
+    parser.add_argument("--width", type=int, default=128)
+    parser.add_argument("--images-per-prompt", type=int, default=16)
+    args = parser.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+
+    data = load_shards(os.path.join(args.demo, "steps", "prep"))
+    _, info = load_model(glob.glob(os.path.join(args.demo, "steps/pretrain/*/pretrain/export"))[0])
+    cfg = ModelConfig(input_size=16, patch_size=4, width=args.width, depth=args.depth, heads=4, text_dim=384,
+                      time_scale=1.0, time_embedding="single", prediction=args.prediction)
+    torch.manual_seed(0)
+    model = VelocityNet(cfg)
+    objective = MeanFlowLoss(MeanFlowConfig(mode="flow_matching", adaptive_p=0.0,
+                                            time=TimeSamplerConfig(mu=0.0, sigma=1.0)))
+    result = train_local(model, objective, data,
+                         LocalTrainConfig(steps=args.steps, batch_size=64, lr=1e-3, warmup=50, log_every=250))
+    result["ema"].copy_to(model)
+    export = export_model(model, dataclasses.replace(info, model=cfg), os.path.join(args.demo, "parents", args.name))
+    score({"flow_matching": export}, export + "-report", args.images_per_prompt,
+          flow_matching_steps=[1, 4, 32])
+
+
+if __name__ == "__main__":
+    main()
