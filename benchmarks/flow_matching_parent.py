@@ -3,9 +3,9 @@
     python -m benchmarks.flow_matching_parent --demo DEMO_DIR --name NAME [--prediction data|velocity]
         [--steps 1500] [--depth 4] [--width 128] [--images-per-prompt 16]
 
-DEMO_DIR is a finished `emf demo --out DEMO_DIR`: its shards are reused. The recipe is the `emf`
-spec's pretraining (16-px scenes, 4-block width-128 DiT, patch 4, logit-normal(0, 1) times, plain
-squared error, lr 1e-3, batch 64, EMA) in emf_dist.local_trainer with the shards in memory. Writes
+DEMO_DIR is a finished `emf demo --out DEMO_DIR`: its shards and its parent's architecture are
+reused (--depth, --width, --prediction change it). The recipe is the `emf` spec's pretraining
+(logit-normal(0, 1) times, plain squared error, lr 1e-3, batch 64, EMA) in emf_dist.local_trainer with the shards in memory. Writes
 the export to DEMO_DIR/parents/NAME and prints flow matching's overall accuracy at 1 / 4 / 32 Euler
 steps; `python -m benchmarks.meanflow_finetune_variants --parent DEMO_DIR/parents/NAME` fine-tunes it.
 """
@@ -22,7 +22,7 @@ from benchmarks.meanflow_finetune_variants import load_shards, score
 from emf_dist.export import export_model, load_model
 from emf_dist.local_trainer import LocalTrainConfig, train_local
 from emf_dist.meanflow import MeanFlowConfig, MeanFlowLoss
-from emf_dist.model import ModelConfig, VelocityNet
+from emf_dist.model import VelocityNet
 from emf_dist.time_sampling import TimeSamplerConfig
 
 
@@ -40,8 +40,8 @@ def main() -> None:
 
     data = load_shards(os.path.join(args.demo, "steps", "prep"))
     _, info = load_model(glob.glob(os.path.join(args.demo, "steps/pretrain/*/pretrain/export"))[0])
-    cfg = ModelConfig(input_size=16, patch_size=4, width=args.width, depth=args.depth, heads=4, text_dim=384,
-                      time_scale=1.0, time_embedding="single", prediction=args.prediction)
+    # The demo parent's own architecture, with the variant's changes.
+    cfg = dataclasses.replace(info.model, width=args.width, depth=args.depth, prediction=args.prediction)
     torch.manual_seed(0)
     model = VelocityNet(cfg)
     objective = MeanFlowLoss(MeanFlowConfig(mode="flow_matching", adaptive_p=0.0,
