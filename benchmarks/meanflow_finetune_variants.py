@@ -2,7 +2,8 @@
 
     python -m benchmarks.meanflow_finetune_variants --demo DEMO_DIR --name NAME [--steps 800]
         [--velocity data|teacher] [--guidance-w 1.0] [--adaptive-p 0.5] [--lr 5e-4]
-        [--full-interval 0.0] [--decay constant|cosine|linear] [--images-per-prompt 16] [--parent FM_EXPORT]
+        [--full-interval 0.0] [--decay constant|cosine|linear] [--train-all] [--ema-decay 0.999] [--images-per-prompt 16]
+        [--parent FM_EXPORT]
 
 DEMO_DIR is a finished `emf demo --out DEMO_DIR`: its shards and its exported flow-matching
 parent (or the one --parent names, e.g. from benchmarks.flow_matching_parent) are reused, so
@@ -50,18 +51,22 @@ def main() -> None:
     parser.add_argument("--guidance-w", type=float, default=1.0)
     parser.add_argument("--adaptive-p", type=float, default=0.5)
     parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--ema-decay", type=float, default=0.999)
     parser.add_argument("--full-interval", type=float, default=0.0)
     parser.add_argument("--decay", choices=("constant", "cosine", "linear"), default="constant")
     parser.add_argument("--min-lr-ratio", type=float, default=0.1)
+    parser.add_argument("--train-all", action="store_true",
+                        help="train every parameter instead of EMF's blocks, time embeddings and final modulation")
     parser.add_argument("--images-per-prompt", type=int, default=16)
     args = parser.parse_args()
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(len(os.sched_getaffinity(0)))  # the cores `taskset` leaves this process
 
     out = os.path.join(args.demo, "variants", args.name)
     data = load_shards(os.path.join(args.demo, "steps", "prep"))
     parent, info = load_model(args.parent or glob.glob(os.path.join(args.demo, "steps/pretrain/*/pretrain/export"))[0])
     model = meanflow_from_flow_matching(parent.cfg, parent.state_dict())
-    freeze_for_emf_finetune(model)
+    if not args.train_all:
+        freeze_for_emf_finetune(model)
     time_cfg = TimeSamplerConfig(schedule="emf", mu=-0.5, sigma=1.0, mu_end=0.5, sigma_end=2.0, r_neq_t=0.5,
                                  r_neq_t_end=0.9, full_interval=args.full_interval)
     objective_cfg = MeanFlowConfig(adaptive_p=args.adaptive_p, time=time_cfg, velocity=args.velocity,
@@ -69,7 +74,8 @@ def main() -> None:
     teacher = parent.eval().requires_grad_(False) if args.velocity == "teacher" else None
     result = train_local(model, MeanFlowLoss(objective_cfg, teacher=teacher), data,
                          LocalTrainConfig(steps=args.steps, batch_size=64, lr=args.lr, warmup=50, decay=args.decay,
-                                          min_lr_ratio=args.min_lr_ratio, log_every=100))
+                                          min_lr_ratio=args.min_lr_ratio, ema_decay=args.ema_decay,
+                                          log_every=100))
     result["ema"].copy_to(model)
     export = export_model(model, dataclasses.replace(info, model=model.cfg, sampling=SamplingInfo(mean_flow=True)),
                           os.path.join(out, "export"))

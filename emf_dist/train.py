@@ -73,7 +73,11 @@ def _trainer(cfg: TrainConfig, sample_text: dict | None):
     if cfg.scaling.use_gpu:
         resources["GPU"] = cfg.scaling.gpus_per_worker
     storage_path, filesystem = storage.ray_storage(cfg.storage_path)
-    env = {} if cfg.scaling.use_gpu else {"DS_ACCELERATOR": "cpu"}
+    # Ray Train's print patch sends a worker's print to its logger and, when anything has wrapped
+    # sys.stdout, to the stream as well: every progress line would show twice.
+    env = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+    if not cfg.scaling.use_gpu:
+        env["DS_ACCELERATOR"] = "cpu"
     return TorchTrainer(
         train_worker,
         train_loop_config={"train": to_dict(cfg), "sample_text": sample_text},

@@ -11,6 +11,7 @@ all-reduce); too many in a row stop the run before the next checkpoint could sto
 """
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import time
@@ -282,7 +283,19 @@ def _memory_mib(device) -> float:
     return 0.0
 
 
+def quiet_ray_train_reports() -> None:
+    """Ray Train V2 logs every ray.train.report at INFO on every rank, with the whole metrics dict:
+    two such lines per progress line bury it. Its warnings stay. (Its logger is named after the
+    module's file; another Ray layout simply keeps the lines.)"""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def train_worker(loop_config: dict) -> None:
     """Ray Train's train_loop_per_worker: the config arrives as a plain dict (validated on the driver)."""
+    quiet_ray_train_reports()
     cfg = from_dict(TrainConfig, loop_config["train"], validate=True)
     Trainer(cfg, loop_config.get("sample_text")).run()

@@ -58,7 +58,8 @@ def demo(tmp_path_factory) -> dict[str, str]:
     shutil.rmtree(root, ignore_errors=True)
 
     assert "pipeline emf: succeeded" in done.stdout
-    return {**dict(re.findall(r"^  (\w+): +(\S+)", done.stdout, re.MULTILINE)), "out": str(tmp_path / "demo")}
+    return {**dict(re.findall(r"^  (\w+): +(\S+)", done.stdout, re.MULTILINE)), "out": str(tmp_path / "demo"),
+            "log": done.stdout + done.stderr}
 
 
 def test_demo_runs_the_pipeline_on_its_own_head_and_says_where_everything_is(demo, tmp_path):
@@ -81,6 +82,13 @@ def test_demo_rejects_a_bad_override_before_starting_anything(tmp_path, capsys):
     assert emf(["demo", "--out", str(tmp_path / "d"), "steps.pretrain.config.stepz=3"]) == 2
     assert "stepz" in capsys.readouterr().err
     assert not (tmp_path / "d").exists()
+
+
+def test_the_demo_shows_each_training_progress_line_once_without_ray_trains_report_dumps(demo):
+    progress = [line for line in demo["log"].splitlines() if re.search(r"step \d+/\d+  loss", line)]
+    assert progress, demo["log"][-3000:]
+    assert len(progress) == len(set(progress)), "a progress line printed twice"
+    assert "Reporting training result" not in demo["log"]
 
 
 def test_the_demo_model_retrains_on_new_data_and_then_has_nothing_to_do(demo, tmp_path):
