@@ -13,6 +13,7 @@ from emf_dist.cli import main as emf
 from emf_dist.convert import meanflow_from_flow_matching
 from emf_dist.eval.benchmark import BenchmarkConfig, prompt_set, run_benchmark, score_images
 from emf_dist.eval.export_layouts import export_dpg, export_geneval, score_geneval_folder, scene_geneval_metadata
+from emf_dist.eval.report import write_report
 from emf_dist.eval.sampling import fixed_noise
 from emf_dist.export import ExportInfo, SamplingInfo, export_model, load_model
 from emf_dist.generate import load_encoder_for, save_png
@@ -111,6 +112,27 @@ def test_held_out_pairs_are_scored_apart_and_the_same_seed_gives_the_same_images
     again = run_benchmark({"meanflow": (net, info, encoder)}, cfg, keep_images=True)
     assert all(np.array_equal(first.generated[k], again.generated[k]) for k in first.generated)
     assert not np.array_equal(first.generated["meanflow-1step"], first.generated["meanflow-2step"])
+
+
+def test_prompts_longer_than_the_encoder_takes_are_counted_and_named_in_the_report(models, tmp_path):
+    net, info = load_model(models["model"])
+    encoder = TextEncoder(replace(info.text_encoder, max_length=9))
+    cfg = BenchmarkConfig(prompts_per_task=2, images_per_prompt=2, meanflow_steps=(1,), calibration_scenes=0,
+                          progress=False)
+    result = run_benchmark({"meanflow": (net, info, encoder)}, cfg)
+    # The oracle: the tokenizer's own count, special tokens included.
+    cut = [p.scene.caption for p in result.prompts if len(encoder.tokenizer(p.scene.caption)["input_ids"]) > 9]
+    assert 0 < len(cut) < len(result.prompts)
+    assert result.truncated_prompts == {"meanflow": cut}
+    metrics = write_report(str(tmp_path), benchmark=result)
+    assert metrics["benchmark"]["truncated_prompts"] == {"meanflow": len(cut)}
+    report = (tmp_path / "report.md").read_text()
+    assert f"{len(cut)} of {len(result.prompts)} prompts are longer than meanflow's text encoder takes" in report
+    assert all(caption in report for caption in cut)
+    whole = run_benchmark({"meanflow": (net, info, TextEncoder(replace(info.text_encoder, max_length=40)))}, cfg)
+    assert whole.truncated_prompts == {}
+    write_report(str(tmp_path / "whole"), benchmark=whole)
+    assert "longer than" not in (tmp_path / "whole" / "report.md").read_text()
 
 
 def test_ground_truth_renders_score_perfectly_through_the_benchmark_layout():

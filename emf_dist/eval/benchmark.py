@@ -101,6 +101,8 @@ class BenchmarkResult:
     reference: np.ndarray  # the ground-truth renders in the same layout
     calibration: dict | None  # detector accuracy on fresh renders (detector.calibrate)
     models: dict[str, dict] = field(default_factory=dict)  # model name -> folder, sampling defaults
+    # model name -> the prompts longer than its text encoder's max_length (generated from their first L tokens)
+    truncated_prompts: dict[str, list[str]] = field(default_factory=dict)
     generated: dict[str, np.ndarray] = field(default_factory=dict)  # label -> all images (only if kept)
 
 
@@ -182,6 +184,8 @@ def run_benchmark(models: dict[str, tuple[VelocityNet, ExportInfo, TextEncoder]]
     bar = tqdm(total=len(plan) * len(captions), desc="generating", unit="img", disable=not cfg.progress)
     samplers, records, grids, generated = [], [], {}, {}
     texts = {name: encoder.encode(captions) for name, (_, _, encoder) in models.items()}
+    truncated = {name: [p.scene.caption for i, p in enumerate(prompts) if text.truncated[i * cfg.images_per_prompt]]
+                 for name, text in texts.items()}
     with bar:
         for name, spec in plan:
             net = models[name][0]
@@ -201,4 +205,4 @@ def run_benchmark(models: dict[str, tuple[VelocityNet, ExportInfo, TextEncoder]]
         fresh = [make_scene(fresh_cfg, i) for i in range(cfg.calibration_scenes)]
         calibration = calibrate(fresh, cfg.detector)
     return BenchmarkResult(cfg, resolution, prompts, samplers, records, grids, reference, calibration,
-                           generated=generated)
+                           generated=generated, truncated_prompts={k: v for k, v in truncated.items() if v})

@@ -126,6 +126,7 @@ def metrics(result: BenchmarkResult | None, encoders: dict | None, frechet: dict
             "heldout_prompts": sum(p.heldout for p in result.prompts),
             "images_per_prompt": result.config.images_per_prompt, "models": result.models,
             "calibration": result.calibration,
+            "truncated_prompts": {name: len(cut) for name, cut in result.truncated_prompts.items()},
             "samplers": [{"label": s.spec.label, "model": s.spec.model, "mean_flow": s.spec.mean_flow,
                           "steps": s.spec.steps, "guidance": s.spec.guidance, "nfe": s.spec.nfe,
                           "overall": s.overall, "tasks": s.tasks, "heldout_overall": s.heldout_overall,
@@ -147,6 +148,10 @@ def _benchmark_section(result: BenchmarkResult, frechet: dict | None, grids: dic
         lines += [f"Detector calibration on {cal['scenes']} fresh ground-truth renders: clean {cal['clean']:.3f}, "
                   f"blur {cal['blur']:.3f}, noise {cal['noise']:.3f}, blur+noise {cal['blur_noise']:.3f}; wrong "
                   f"prompts rejected {cal['rejects_wrong']:.3f}.", ""]
+    for name, cut in result.truncated_prompts.items():
+        lines += [f"**{len(cut)} of {len(result.prompts)} prompts are longer than {name}'s text encoder takes** "
+                  "(`encoder.max_length` tokens), so its images for them follow a cut prompt: "
+                  + "; ".join(cut) + ". Raise `encoder.max_length` at prep and training to keep them whole.", ""]
     lines += [benchmark_table(result, frechet), "", "![steps vs quality](steps_vs_quality.png)", ""]
     if not any(p.heldout for p in result.prompts):
         lines += ["No held-out (color, shape) pairs configured (`benchmark.holdout`), so no held-out column.", ""]
