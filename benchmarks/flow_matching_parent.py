@@ -1,11 +1,13 @@
 """The demo's flow-matching parent trained in one process, for comparing parent variants.
 
     python -m benchmarks.flow_matching_parent --demo DEMO_DIR --name NAME [--prediction data|velocity]
-        [--steps 1500] [--depth 4] [--width 128] [--heads 4] [--mlp-ratio 4] [--images-per-prompt 16]
+        [--steps 1500] [--depth 4] [--width 128] [--heads 4] [--mlp-ratio 4] [--time-scale S] [--seed 0]
+        [--images-per-prompt 16]
 
 DEMO_DIR is a finished `emf demo --out DEMO_DIR`: its shards and its parent's architecture are
-reused (--depth, --width, --heads, --mlp-ratio, --prediction change it). The recipe is the `emf` spec's pretraining
-(logit-normal(0, 1) times, plain squared error, lr 1e-3, batch 64, EMA) in emf_dist.local_trainer with the shards in memory. Writes
+reused (--depth, --width, --heads, --mlp-ratio, --time-scale, --prediction change it). The recipe
+is the `emf` spec's pretraining (logit-normal(0, 1) times, plain squared error, lr 1e-3, batch 64,
+EMA) in emf_dist.local_trainer with the shards in memory. Writes
 the export to DEMO_DIR/parents/NAME and prints flow matching's overall accuracy at 1 / 4 / 32 Euler
 steps; `python -m benchmarks.meanflow_finetune_variants --parent DEMO_DIR/parents/NAME` fine-tunes it.
 """
@@ -36,6 +38,8 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=128)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--mlp-ratio", type=float, default=4.0)
+    parser.add_argument("--time-scale", type=float, help="default: the demo parent's")
+    parser.add_argument("--seed", type=int, default=0, help="initialisation, data order and noise")
     parser.add_argument("--images-per-prompt", type=int, default=16)
     args = parser.parse_args()
     torch.set_num_threads(len(os.sched_getaffinity(0)))  # the cores `taskset` leaves this process
@@ -44,13 +48,15 @@ def main() -> None:
     _, info = load_model(glob.glob(os.path.join(args.demo, "steps/pretrain/*/pretrain/export"))[0])
     # The demo parent's own architecture, with the variant's changes.
     cfg = dataclasses.replace(info.model, width=args.width, depth=args.depth, heads=args.heads,
-                              mlp_ratio=args.mlp_ratio, prediction=args.prediction)
-    torch.manual_seed(0)
+                              mlp_ratio=args.mlp_ratio, prediction=args.prediction,
+                              time_scale=args.time_scale or info.model.time_scale)
+    torch.manual_seed(args.seed)
     model = VelocityNet(cfg)
     objective = MeanFlowLoss(MeanFlowConfig(mode="flow_matching", adaptive_p=0.0,
                                             time=TimeSamplerConfig(mu=0.0, sigma=1.0)))
     result = train_local(model, objective, data,
-                         LocalTrainConfig(steps=args.steps, batch_size=64, lr=1e-3, warmup=50, log_every=250))
+                         LocalTrainConfig(steps=args.steps, batch_size=64, lr=1e-3, warmup=50, seed=args.seed,
+                                          log_every=250))
     result["ema"].copy_to(model)
     export = export_model(model, dataclasses.replace(info, model=cfg), os.path.join(args.demo, "parents", args.name))
     score({"flow_matching": export}, export + "-report", args.images_per_prompt,

@@ -2,8 +2,8 @@
 
     python -m benchmarks.meanflow_finetune_variants --demo DEMO_DIR --name NAME [--steps 800]
         [--velocity data|teacher] [--guidance-w 1.0] [--adaptive-p 0.5] [--lr 5e-4]
-        [--full-interval 0.0] [--decay constant|cosine|linear] [--train-all] [--ema-decay 0.999] [--images-per-prompt 16]
-        [--parent FM_EXPORT]
+        [--full-interval 0.0] [--r-neq-t 0.5 0.9] [--decay constant|cosine|linear] [--train-all]
+        [--ema-decay 0.999] [--images-per-prompt 16] [--parent FM_EXPORT]
 
 DEMO_DIR is a finished `emf demo --out DEMO_DIR`: its shards and its exported flow-matching
 parent (or the one --parent names, e.g. from benchmarks.flow_matching_parent) are reused, so
@@ -53,6 +53,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--ema-decay", type=float, default=0.999)
     parser.add_argument("--full-interval", type=float, default=0.0)
+    parser.add_argument("--r-neq-t", type=float, nargs=2, default=(0.5, 0.9), metavar=("START", "END"),
+                        help="share of r != t rows at the start and the end of the fine-tune")
     parser.add_argument("--decay", choices=("constant", "cosine", "linear"), default="constant")
     parser.add_argument("--min-lr-ratio", type=float, default=0.1)
     parser.add_argument("--train-all", action="store_true",
@@ -67,8 +69,9 @@ def main() -> None:
     model = meanflow_from_flow_matching(parent.cfg, parent.state_dict())
     if not args.train_all:
         freeze_for_emf_finetune(model)
-    time_cfg = TimeSamplerConfig(schedule="emf", mu=-0.5, sigma=1.0, mu_end=0.5, sigma_end=2.0, r_neq_t=0.5,
-                                 r_neq_t_end=0.9, full_interval=args.full_interval)
+    time_cfg = TimeSamplerConfig(schedule="emf", mu=-0.5, sigma=1.0, mu_end=0.5, sigma_end=2.0,
+                                 r_neq_t=args.r_neq_t[0], r_neq_t_end=args.r_neq_t[1],
+                                 full_interval=args.full_interval)
     objective_cfg = MeanFlowConfig(adaptive_p=args.adaptive_p, time=time_cfg, velocity=args.velocity,
                                    guidance_w=args.guidance_w)
     teacher = parent.eval().requires_grad_(False) if args.velocity == "teacher" else None
