@@ -127,27 +127,31 @@ class ShardStream(IterableDataset):
         empty_in_a_row = 0  # shards that gave no usable sample: all bad means fail loudly, not spin
         while True:
             url, good, error = rng.choice(self.spec.urls), 0, None
-            cached = self.cache.shards.get(url) if self.cache is not None else None
-            if cached is not None:
-                for sample in cached:
-                    if sample is None:
-                        self.skipped += 1
-                        continue
+            try:
+                for sample in self._shard_samples(url):
                     good += 1
                     yield sample
-            else:
-                try:
-                    for sample in self._decode_shard(url):
-                        good += 1
-                        yield sample
-                except Exception as exc:  # noqa: BLE001 - unreadable or truncated shard: count it, draw another
-                    self.skipped += 1
-                    error = exc
+            except Exception as exc:  # noqa: BLE001 - unreadable or truncated shard: count it, draw another
+                self.skipped += 1
+                error = exc
             empty_in_a_row = 0 if good else empty_in_a_row + 1
             if empty_in_a_row >= MAX_EMPTY_SHARDS_IN_A_ROW:
                 raise RuntimeError(f"{empty_in_a_row} shards in a row gave no readable sample (last: {url}"
                                    f"{f': {error}' if error else ''}); check the dataset URL, credentials "
                                    "and endpoint, or re-run `emf prep`")
+
+    def _shard_samples(self, url: str):
+        """A shard's good samples, replayed from the cache (its skips counted where decoding met them)
+        or decoded."""
+        cached = self.cache.shards.get(url) if self.cache is not None else None
+        if cached is None:
+            yield from self._decode_shard(url)
+            return
+        for sample in cached:
+            if sample is None:
+                self.skipped += 1
+            else:
+                yield sample
 
     def _decode_shard(self, url: str):
         """A shard's good samples (bad ones counted), offered whole to the cache once read to its end."""
