@@ -1,9 +1,10 @@
 """`emf demo`: the main job, the full EMF chain on the embedded default.
 
 It runs the `emf` pipeline spec (pipelines/specs/emf.yaml: encoder selection -> data prep ->
-flow-matching pretraining -> MeanFlow fine-tuning -> benchmark) with every artifact under one
-folder, on a local Ray head with token authentication. The head is started for the run and
-stopped after, unless one (`emf cluster up`) was already running, which is then used and kept.
+flow-matching pretraining -> MeanFlow fine-tuning -> one-step distillation rounds -> benchmark)
+with every artifact under one folder, on a local Ray head with token authentication. The head is
+started for the run and stopped after, unless one (`emf cluster up`) was already running, which
+is then used and kept.
 Rerunning with the same folder skips the steps that already ran, so an interrupted demo resumes.
 """
 
@@ -42,14 +43,15 @@ def run_demo(out_dir: str, overrides: list[str], cluster: local.LocalClusterConf
 
 def where_things_are(record: RunRecord) -> str:
     out = record.outputs()
-    report = out["benchmark"]["report"]
+    report, model = out["benchmark"]["report"], out["benchmark"]["model"]
     lines = ["", "emf demo: done. Everything is under " + record.storage,
              f"  report:      {os.path.join(report, 'report.md')} (metrics.json, steps-vs-quality plot, grids)",
              f"  encoders:    {os.path.join(out['encoders']['report'], 'report.md')}",
-             f"  shards:      {out['prep']['out']} (manifest.json)",
-             f"  pretrain:    {out['pretrain']['run']} (flow matching: DeepSpeed checkpoints, samples/)",
-             f"  finetune:    {out['finetune']['run']} (MeanFlow: DeepSpeed checkpoints, samples/)",
-             f"  model:       {out['finetune']['export']}",
-             f"  try:         emf generate --model {out['finetune']['export']} --steps 1 --upscale 8 "
-             "--out red.png \"a red circle\""]
+             f"  shards:      {out['prep']['out']} (manifest.json)"]
+    for step in record.steps:  # the training runs in pipeline order: pretrain, finetune, distill_1, ...
+        if "run" in step.outputs:
+            what = "flow matching" if step.name == "pretrain" else "MeanFlow"
+            lines.append(f"  {step.name + ':':<12} {step.outputs['run']} ({what}: DeepSpeed checkpoints, samples/)")
+    lines += [f"  model:       {model}",
+              f"  try:         emf generate --model {model} --steps 1 --upscale 8 --out red.png \"a red circle\""]
     return "\n".join(lines)

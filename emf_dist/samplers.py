@@ -20,8 +20,11 @@ import torch.nn as nn
 
 @torch.no_grad()
 def sample(net: nn.Module, noise: torch.Tensor, text_tokens, text_mask, text_pooled, *, steps: int = 1,
-           mean_flow: bool = True, guidance_scale: float = 1.0) -> torch.Tensor:
-    """Generate from ``noise`` [B, C, H, W] in ``steps`` network evaluations (twice that with CFG)."""
+           mean_flow: bool = True, guidance_scale: float = 1.0, drop_text: torch.Tensor | None = None) -> torch.Tensor:
+    """Generate from ``noise`` [B, C, H, W] in ``steps`` network evaluations (twice that with CFG).
+    ``drop_text`` [B] bool: rows sampled unconditionally (the model's null condition), without CFG."""
+    if drop_text is not None and guidance_scale != 1.0:
+        raise ValueError("drop_text samples rows unconditionally; it does not combine with guidance_scale")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     batch = noise.shape[0]
@@ -30,14 +33,15 @@ def sample(net: nn.Module, noise: torch.Tensor, text_tokens, text_mask, text_poo
     for t_now, t_next in zip(times[:-1], times[1:]):
         t = t_now.expand(batch)
         r = t_next.expand(batch) if mean_flow else t
-        u = velocity(net, z, r, t, text_tokens, text_mask, text_pooled, guidance_scale)
+        u = velocity(net, z, r, t, text_tokens, text_mask, text_pooled, guidance_scale, drop_text)
         z = z - (t_now - t_next) * u
     return z
 
 
-def velocity(net, z, r, t, text_tokens, text_mask, text_pooled, guidance_scale: float = 1.0) -> torch.Tensor:
+def velocity(net, z, r, t, text_tokens, text_mask, text_pooled, guidance_scale: float = 1.0,
+             drop_text: torch.Tensor | None = None) -> torch.Tensor:
     if guidance_scale == 1.0:
-        return net(z, r, t, text_tokens, text_mask, text_pooled)
+        return net(z, r, t, text_tokens, text_mask, text_pooled, drop_text)
     u_cond, u_uncond = cond_and_uncond(net, z, r, t, text_tokens, text_mask, text_pooled)
     return u_uncond + guidance_scale * (u_cond - u_uncond)
 

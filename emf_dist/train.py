@@ -27,8 +27,9 @@ class TrainResult:
 
 
 def resolve_model(cfg: TrainConfig) -> TrainConfig:
-    """Fine-tuning takes the architecture of the exported FM parent (converted to dual time embedding)."""
-    if cfg.mode != "meanflow_finetune":
+    """A run from an export takes its architecture: EMF's fine-tune converts a flow-matching parent to
+    the dual time embedding, distillation keeps a MeanFlow model's as it is."""
+    if not cfg.starts_from_export:
         return cfg
     from emf_dist.export import read_export_info
     with tempfile.TemporaryDirectory() as tmp:
@@ -38,9 +39,12 @@ def resolve_model(cfg: TrainConfig) -> TrainConfig:
             fs.get(f"{path.rstrip('/')}/emf_model.json", os.path.join(tmp, "emf_model.json"))
             folder = tmp
         parent = read_export_info(folder).model
-    if parent.time_embedding != "single":
+    if cfg.mode == "meanflow_finetune" and parent.time_embedding != "single":
         raise ValueError(f"init_from {cfg.init_from} is already a MeanFlow model (dual time embedding); "
-                         "fine-tune from a flow-matching export")
+                         "fine-tune from a flow-matching export, or distil it with mode meanflow_distill")
+    if cfg.mode == "meanflow_distill" and parent.time_embedding != "dual":
+        raise ValueError(f"init_from {cfg.init_from} is a flow-matching model (single time embedding); "
+                         "meanflow_distill needs a MeanFlow export: fine-tune it first (mode meanflow_finetune)")
     model = replace(parent, time_embedding="dual", checkpointing=cfg.model.checkpointing)
     return replace(cfg, model=model)
 

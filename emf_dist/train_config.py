@@ -12,6 +12,7 @@ from typing import Literal
 
 from emf_dist.meanflow import MeanFlowConfig
 from emf_dist.model import ModelConfig
+from emf_dist.split_distill import SplitDistillConfig
 from emf_dist.text_encoder import TextEncoderConfig
 from emf_dist.time_sampling import TimeSamplerConfig
 
@@ -86,8 +87,10 @@ class LoggingConfig:
 class TrainConfig:
     name: str = "emf-run"           # run name: resuming uses the same name (and the same wandb run)
     storage_path: str = "~/emf_runs"  # local folder or s3://bucket/prefix for checkpoints and results
-    mode: Literal["flow_matching", "meanflow", "meanflow_finetune"] = "meanflow"
-    init_from: str = ""             # meanflow_finetune: an exported flow-matching model folder
+    # meanflow_finetune: EMF's conversion of a flow-matching export (init_from); meanflow_distill: a
+    # MeanFlow export (init_from) whose 1-step query learns its own k-step samples (emf_dist/split_distill.py)
+    mode: Literal["flow_matching", "meanflow", "meanflow_finetune", "meanflow_distill"] = "meanflow"
+    init_from: str = ""             # meanflow_finetune / meanflow_distill: an exported model folder
     steps: int = 100                # optimizer steps for the whole run (sets the progress and lr schedules)
     stop_after: int = 0             # end this invocation early after this step (checkpointed); rerun to go on
     micro_batch: int = 8            # samples per worker per forward
@@ -100,6 +103,7 @@ class TrainConfig:
                                                                    heads=4, text_dim=384, time_scale=1.0,
                                                                    checkpointing=True))
     objective: MeanFlowConfig = field(default_factory=lambda: MeanFlowConfig(time=TimeSamplerConfig.emf()))
+    distill: SplitDistillConfig = field(default_factory=SplitDistillConfig)  # mode meanflow_distill's objective
     encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)  # must match the shards' fingerprint
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -107,6 +111,10 @@ class TrainConfig:
     scaling: ScalingOptions = field(default_factory=ScalingOptions)
     faults: FaultConfig = field(default_factory=FaultConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    @property
+    def starts_from_export(self) -> bool:
+        return self.mode in ("meanflow_finetune", "meanflow_distill")
 
     @property
     def global_batch(self) -> int:
@@ -123,10 +131,12 @@ class TrainConfig:
             problems.append(f"zero.stage must be 0, 1, 2 or 3, got {self.zero.stage}")
         if self.scaling.num_workers < 1:
             problems.append("scaling.num_workers must be >= 1")
-        if self.mode == "meanflow_finetune" and not self.init_from:
-            problems.append("mode meanflow_finetune needs init_from: an exported flow-matching model folder")
-        if self.mode != "meanflow_finetune" and self.init_from:
-            problems.append(f"init_from is only used by mode meanflow_finetune (mode is {self.mode})")
+        if self.starts_from_export and not self.init_from:
+            wanted = "a flow-matching" if self.mode == "meanflow_finetune" else "a MeanFlow"
+            problems.append(f"mode {self.mode} needs init_from: {wanted} model's export folder")
+        if not self.starts_from_export and self.init_from:
+            problems.append(f"init_from is only used by modes meanflow_finetune and meanflow_distill "
+                            f"(mode is {self.mode})")
         if self.objective.velocity == "teacher" and self.mode != "meanflow_finetune":
             problems.append("objective.velocity: teacher takes the fine-tuning parent as the teacher: it needs "
                             f"mode meanflow_finetune and init_from (mode is {self.mode})")

@@ -1,6 +1,7 @@
 """The per-worker training loop that Ray Train runs on every rank.
 
-    model (plain PyTorch) -> DeepSpeed engine -> MeanFlow step from emf_dist.meanflow, unchanged:
+    model (plain PyTorch) -> DeepSpeed engine -> MeanFlow step from emf_dist.meanflow (or the
+    one-step distillation step from emf_dist.split_distill), unchanged:
     the JVP pass runs on engine.module (forward-mode AD does not run through the engine), the
     gradient pass through the engine, which reduces gradients across ranks (FINDINGS.md #11).
 
@@ -29,6 +30,7 @@ from emf_dist.meanflow import MeanFlowLoss
 from emf_dist.model import VelocityNet
 from emf_dist.run_logger import RunLogger
 from emf_dist.shard_loader import BatchIterator, stream_spec
+from emf_dist.split_distill import SplitDistillLoss
 from emf_dist.train_config import TrainConfig
 
 
@@ -37,7 +39,8 @@ class TooManyBadSteps(RuntimeError):
 
 
 def load_parent(cfg: TrainConfig) -> VelocityNet:
-    """meanflow_finetune's exported flow-matching model (cfg.init_from, a local folder or s3:// URL)."""
+    """The export a run starts from (cfg.init_from, a local folder or s3:// URL): meanflow_finetune's
+    flow-matching parent, meanflow_distill's MeanFlow model."""
     from emf_dist.export import load_model
     with tempfile.TemporaryDirectory() as tmp:
         folder = cfg.init_from
@@ -50,8 +53,13 @@ def load_parent(cfg: TrainConfig) -> VelocityNet:
 
 
 def build_model(cfg: TrainConfig, parent: VelocityNet | None) -> VelocityNet:
-    """From scratch (seeded alike on every rank), or EMF's conversion of the exported FM parent."""
+    """From scratch (seeded alike on every rank), EMF's conversion of the exported FM parent, or (distillation)
+    a copy of the exported MeanFlow model, every parameter trainable."""
     torch.manual_seed(cfg.seed)
+    if cfg.mode == "meanflow_distill":
+        model = VelocityNet(cfg.model)
+        model.load_state_dict(parent.state_dict())
+        return model
     if cfg.mode != "meanflow_finetune":
         return VelocityNet(cfg.model)
     from emf_dist.convert import freeze_for_emf_finetune, meanflow_from_flow_matching
@@ -62,11 +70,17 @@ def build_model(cfg: TrainConfig, parent: VelocityNet | None) -> VelocityNet:
 
 
 def build_teacher(cfg: TrainConfig, parent: VelocityNet | None, device) -> VelocityNet | None:
-    """The frozen parent that supplies v under ``objective.velocity: teacher`` (no optimizer, no ZeRO:
-    it is only ever run forward, in every rank, so each keeps a full copy)."""
-    if cfg.objective.velocity != "teacher":
+    """The frozen parent that supplies v under ``objective.velocity: teacher``, or distillation's k-step
+    samples (no optimizer, no ZeRO: it is only ever run forward, in every rank, so each keeps a full copy)."""
+    if cfg.mode != "meanflow_distill" and cfg.objective.velocity != "teacher":
         return None
     return parent.to(device).eval().requires_grad_(False)
+
+
+def build_objective(cfg: TrainConfig, teacher: VelocityNet | None) -> MeanFlowLoss | SplitDistillLoss:
+    if cfg.mode == "meanflow_distill":
+        return SplitDistillLoss(cfg.distill, teacher)
+    return MeanFlowLoss(cfg.objective, teacher=teacher)
 
 
 def _gathered(engine):
@@ -115,11 +129,11 @@ class Trainer:
         os.environ.setdefault("LOCAL_RANK", str(ctx.get_local_rank()))
         self.on_gpu = cfg.scaling.use_gpu and torch.cuda.is_available()
         self.device = ray.train.torch.get_device() if self.on_gpu else torch.device("cpu")
-        parent = load_parent(cfg) if cfg.mode == "meanflow_finetune" else None
+        parent = load_parent(cfg) if cfg.starts_from_export else None
         model = build_model(cfg, parent)
         self.ema = EMA(model, cfg.ema_decay)  # before ZeRO-3 partitions the parameters
         self.engine = build_engine(model.to(self.device), cfg, self.world, self.on_gpu)
-        self.objective = MeanFlowLoss(cfg.objective, teacher=build_teacher(cfg, parent, self.device))
+        self.objective = build_objective(cfg, build_teacher(cfg, parent, self.device))
         self.generator = torch.Generator(self.device).manual_seed(cfg.seed * 1000 + self.rank)
         self.grad_norm = 0.0  # of the last optimizer step; ZeRO-0 only (stages >= 1 keep their own)
         self.state = {"step": 0, "data": {"epoch": 0, "taken": 0}, "skipped_samples": 0, "bad_steps": 0,

@@ -8,8 +8,9 @@ One run, under the registry's lease lock (a second run waits ``lock.wait_s``, th
 3. If the dataset's manifest version is not newer than the one the promoted model (or a later
    candidate that was kept out) was trained on, stop: exit 0, "no new data".
 4. Otherwise run the retrain pipeline (pipelines/specs/retrain.yaml by default): fine-tune
-   from the promoted lineage's flow-matching base on the grown dataset, benchmark the candidate
-   and the promoted model with one evaluation config. Steps are cached, so a retrain that
+   from the promoted lineage's flow-matching base on the grown dataset and distil it as the emf
+   spec does, benchmark the candidate (the model the `benchmark` step evaluates) and the
+   promoted model with one evaluation config. Steps are cached, so a retrain that
    failed in evaluation resumes there instead of training again.
 5. Gate: promote only if, at every configured step count, the candidate's overall accuracy is
    not below the promoted model's by more than ``gate.margin``. Either way the candidate is
@@ -17,8 +18,8 @@ One run, under the registry's lease lock (a second run waits ``lock.wait_s``, th
 
 Why the base and not the promoted MeanFlow export: `emf train` fine-tunes MeanFlow only from a
 flow-matching export (emf_dist/train.py resolve_model refuses a dual-time-embedding parent), so
-each retrain repeats EMF's conversion + fine-tune on all data so far; the registry records the
-base of every version for this.
+each retrain repeats EMF's conversion + fine-tune (+ distillation) on all data so far; the
+registry records the base of every version for this.
 """
 from __future__ import annotations
 
@@ -34,7 +35,9 @@ from pipelines.registry import ModelVersion, Registry
 from pipelines.run import RunRecord, run_pipeline
 from pipelines.spec import load_spec
 
-REQUIRED_OUTPUTS = {"finetune": "export", "benchmark": "metrics", "benchmark_promoted": "metrics"}
+# The candidate is the model the benchmark step evaluates (its output "model"), whichever training
+# step made it.
+REQUIRED_OUTPUTS = {"benchmark": "model, metrics", "benchmark_promoted": "metrics"}
 
 
 @dataclass
@@ -130,14 +133,20 @@ def retrain(cfg: RetrainConfig, echo: Callable[[str], None] = print) -> RetrainO
         candidate_metrics = _read_json(outputs["benchmark"]["metrics"])
         decision = decide(candidate_metrics, _read_json(outputs["benchmark_promoted"]["metrics"]), cfg.gate)
         lease.check()  # promote only while the lock is still ours
+        candidate = outputs["benchmark"]["model"]
         version = registry.register(ModelVersion(
-            model=outputs["finetune"]["export"], base=promoted.base, dataset=cfg.dataset,
+            model=candidate, base=promoted.base, dataset=cfg.dataset,
             manifest_version=dataset_version, metrics=dict(candidate_metrics.get("gate", {})),
-            metrics_url=outputs["benchmark"]["metrics"], checkpoint=str(outputs["finetune"].get("checkpoint", "")),
+            metrics_url=outputs["benchmark"]["metrics"], checkpoint=checkpoint_of(outputs, candidate),
             reason=decision.reason, run=run.run_id), promote=decision.promote)
     status = "promoted" if decision.promote else "kept"
     message = f"retrain: registered v{version.number} ({version.model}); {decision.reason}"
     return _say(echo, RetrainOutcome(status, message, version, run))
+
+
+def checkpoint_of(outputs: dict[str, dict], export: str) -> str:
+    """The checkpoint of the training step that exported ``export`` ("" if no step of this run did)."""
+    return next((str(out.get("checkpoint", "")) for out in outputs.values() if out.get("export") == export), "")
 
 
 def latest_evaluated(registry: Registry, promoted: ModelVersion) -> ModelVersion:

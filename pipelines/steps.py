@@ -3,7 +3,7 @@
     prep            data_prep.job.run_prep(PrepConfig)             outputs: out, manifest_version
     train           emf_dist.train.train(TrainConfig)              outputs: export, checkpoint, run
     eval_encoders   `emf eval encoders` (emf_dist.cli.main)         outputs: report, metrics, selected
-    eval_benchmark  `emf eval benchmark` (emf_dist.cli.main)        outputs: report, metrics
+    eval_benchmark  `emf eval benchmark` (emf_dist.cli.main)        outputs: report, metrics, model
     command         any program (argv, no shell)                   outputs: dir + the ones it declares
 
 A kind says which URLs in its config are its inputs (their content identity goes into the
@@ -160,7 +160,7 @@ class EncoderEvalKind(Kind):
 
 
 class BenchmarkKind(Kind):
-    outputs = ("report", "metrics")
+    outputs = ("report", "metrics", "model")
     url_outputs = ("report",)
 
     def parse(self, raw: dict):
@@ -180,7 +180,7 @@ class BenchmarkKind(Kind):
                 argv += ["--baseline", stack.enter_context(local_folder(cfg.baseline))]
             out = stack.enter_context(output_folder(cfg.out))
             _emf(argv + ["--out", out])
-        return {"report": cfg.out, "metrics": storage.join(cfg.out, "metrics.json")}
+        return {"report": cfg.out, "metrics": storage.join(cfg.out, "metrics.json"), "model": cfg.model}
 
 
 class CommandKind(Kind):

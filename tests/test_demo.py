@@ -31,7 +31,9 @@ TINY = ["steps.encoders.config.require_selection=false",
         "steps.benchmark.config.eval.benchmark.prompts_per_task=1",
         "steps.benchmark.config.eval.benchmark.images_per_prompt=2",
         "steps.benchmark.config.eval.benchmark.calibration_scenes=12"]
-for step in ("pretrain", "finetune"):
+TRAIN_STEPS = [name for name, step in yaml.safe_load((REPO / "pipelines/specs/emf.yaml").read_text())["steps"].items()
+               if step["kind"] == "train"]
+for step in TRAIN_STEPS:
     TINY += [f"steps.{step}.config.steps=4", f"steps.{step}.config.micro_batch=4",
              f"steps.{step}.config.checkpoint_every=2", f"steps.{step}.config.logging.sample_every=2",
              f"steps.{step}.config.logging.wandb=disabled"]
@@ -70,7 +72,8 @@ def test_demo_runs_the_pipeline_on_its_own_head_and_says_where_everything_is(dem
     assert {"meanflow-1step", "flow_matching-32step"} <= set(metrics["gate"])
     assert list(report.parent.glob("*.png")), "no sample grids or plot next to the report"
     assert (Path(paths["shards"]) / "manifest.json").is_file()
-    for run in (paths["pretrain"], paths["finetune"]):
+    assert TRAIN_STEPS[:2] == ["pretrain", "finetune"] and len(TRAIN_STEPS) > 2  # then the distillation rounds
+    for run in (paths[step] for step in TRAIN_STEPS):
         assert list(Path(run).rglob("ds")), f"no DeepSpeed checkpoint in {run}"
         assert list(Path(run).rglob("samples/*.png")), f"no sample grid in {run}"
     image = tmp_path / "red.png"
@@ -98,7 +101,7 @@ def test_the_demo_model_retrains_on_new_data_and_then_has_nothing_to_do(demo, tm
     prep = yaml.safe_load((REPO / "pipelines/specs/emf.yaml").read_text())["steps"]["prep"]["config"]
     prep["source"]["count"] = 96  # the demo wrote 64
     prep["samples_per_shard"] = 32
-    tiny = [f"steps.finetune.config.{key}" for key in (
+    tiny = [f"steps.{step}.config.{key}" for step in ("finetune", "distill_1", "distill_2", "distill_3") for key in (
         "steps=4", "micro_batch=4", "checkpoint_every=2", "logging.wandb=disabled", "scaling.num_workers=1")]
     for step in ("benchmark", "benchmark_promoted"):
         tiny += [f"steps.{step}.config.eval.benchmark.{key}" for key in (

@@ -192,7 +192,7 @@ steps:
     config:
       argv: [{true}]
       inputs: ["${{steps.finetune.export}}", "${{vars.candidate_metrics}}"]
-      outputs: {{metrics: "${{vars.candidate_metrics}}"}}
+      outputs: {{metrics: "${{vars.candidate_metrics}}", model: "${{steps.finetune.export}}"}}
   benchmark_promoted:
     kind: command
     config:
@@ -266,6 +266,8 @@ def test_retrain_no_new_data_then_promote_then_keep_with_the_reason(setup):
     promoted = registry.promoted()
     assert (promoted.number, promoted.manifest_version, promoted.base) == (2, 2, f"{base}/models/fm-base")
     assert promoted.metrics["meanflow-1step"] == 0.69 and "candidate" in promoted.metrics_url
+    # the benchmarked model is the candidate; its checkpoint is that of the step that exported it
+    assert promoted.checkpoint == promoted.model.removesuffix("/export") + "/checkpoint"
     with fsspec.open(f"{promoted.model}/emf_model.json", "r", **storage.storage_options(base)) as f:
         trained = json.load(f)  # the fine-tune started from the promoted lineage's base, on the dataset
     assert trained == {"base": f"{base}/models/fm-base", "dataset": f"{base}/data"}

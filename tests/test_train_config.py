@@ -1,6 +1,8 @@
 """Training config mistakes are clear errors on the driver, before Ray starts any worker."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from emf_dist.cli import main
@@ -40,8 +42,12 @@ def test_impossible_batch_arithmetic_and_fault_options_are_refused():
         config(micro_batch=4, grad_accum=2, data={"url": "x", "samples_per_epoch": 4})
     with pytest.raises(ConfigError, match="kill_rank 2 >= scaling.num_workers 2"):
         config(faults={"kill_rank": 2, "kill_at_step": 1, "max_failures": 1})
-    with pytest.raises(ConfigError, match="needs init_from"):
+    with pytest.raises(ConfigError, match="needs init_from: a flow-matching"):
         config(mode="meanflow_finetune")
+    with pytest.raises(ConfigError, match="needs init_from: a MeanFlow"):
+        config(mode="meanflow_distill")
+    with pytest.raises(ConfigError, match="distill: teacher_steps must be >= 2"):
+        config(mode="meanflow_distill", init_from="x", distill={"teacher_steps": 1})
     with pytest.raises(ConfigError, match="velocity: teacher takes the fine-tuning parent"):
         config(objective={"velocity": "teacher"})
     with pytest.raises(ConfigError, match="only used with data.loader_workers: 0"):
@@ -81,3 +87,23 @@ def test_learning_rate_schedule_warms_up_then_decays():
     assert cfg.optim.lr_factor(9, cfg.steps) == pytest.approx(1.0)
     assert cfg.optim.lr_factor(60, cfg.steps) == pytest.approx(0.55)
     assert cfg.optim.lr_factor(110, cfg.steps) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("mode, export_embedding, message", [
+    ("meanflow_finetune", "dual", "already a MeanFlow model"),
+    ("meanflow_distill", "single", "needs a MeanFlow export"),
+])
+def test_a_run_from_the_wrong_kind_of_export_is_refused_on_the_driver(tmp_path, mode, export_embedding, message):
+    from emf_dist.export import ExportInfo, SamplingInfo, export_model
+    from emf_dist.model import ModelConfig, VelocityNet
+    from emf_dist.train import resolve_model
+    model_cfg = ModelConfig(input_size=8, patch_size=2, width=32, depth=1, heads=2, text_dim=384,
+                            time_embedding=export_embedding)
+    info = ExportInfo(model=model_cfg, text_encoder=TextEncoderConfig(max_length=8), encoder_fingerprint={},
+                      sampling=SamplingInfo(mean_flow=export_embedding == "dual"))
+    folder = export_model(VelocityNet(model_cfg), info, str(tmp_path / "export"))
+    with pytest.raises(ValueError, match=message):
+        resolve_model(config(mode=mode, init_from=folder))
+    other = "meanflow_distill" if mode == "meanflow_finetune" else "meanflow_finetune"
+    resolved = resolve_model(config(mode=other, init_from=folder)).model  # the export's architecture, as MeanFlow
+    assert resolved == replace(model_cfg, time_embedding="dual", checkpointing=TrainConfig().model.checkpointing)

@@ -1,0 +1,71 @@
+"""One-step distillation of a MeanFlow model into itself, by interval splitting.
+
+The average velocity over [0, 1] is the mean of the average velocities over any split of
+[0, 1] taken along the trajectory (the integral is additive; SplitMeanFlow's identity):
+
+    u(z_1, 0, 1) = (1/k) sum_i u(z_{t_i}, t_{i+1}, t_i),   t_i = 1 - i/k,
+
+so for an exact MeanFlow model the k-step sample x_k and the 1-step sample z_1 - u(z_1, 0, 1)
+coincide. A trained one does not: its 4-step samples are better than its 1-step ones (the
+1-step map blends two layouts or two colors where 4 steps decide). Here a frozen copy of the
+model (the teacher) samples in k steps and the student's 1-step query regresses on it:
+
+    loss = adaptive-weighted || u(z_1, 0, 1) - sg(z_1 - x_k(z_1)) ||^2,   z_1 ~ N(0, I)
+
+Only captions are needed (the images of the batch are not used). Every row is the 1-step
+query; the other intervals are not trained but follow (docs/benchmarks.md: the student's 2- and
+4-step samples improve too), so rounds with the previous student as the next teacher keep
+raising every step count.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from emf_dist.samplers import sample
+
+
+@dataclass
+class SplitDistillConfig:
+    teacher_steps: int = 4  # k: the teacher's MeanFlow steps over [0, 1]
+    adaptive_p: float = 0.5  # adaptive loss weight 1/(err^2 + c)^p, as in the MeanFlow objective
+    adaptive_c: float = 1e-3
+    text_drop: float = 0.1  # rows whose text is replaced by the null condition, for teacher and student alike
+
+    def validate(self) -> list[str]:
+        problems = []
+        if self.teacher_steps < 2:
+            problems.append(f"teacher_steps must be >= 2 (1 would distil the model's 1-step sample into "
+                            f"itself), got {self.teacher_steps}")
+        if not 0.0 <= self.text_drop < 1.0:
+            problems.append(f"text_drop must lie in [0, 1), got {self.text_drop}")
+        if self.adaptive_p < 0 or self.adaptive_c <= 0:
+            problems.append(f"need adaptive_p >= 0 and adaptive_c > 0, got {self.adaptive_p}, {self.adaptive_c}")
+        return problems
+
+
+class SplitDistillLoss:
+    """Callable objective with MeanFlowLoss's signature: ``loss, stats = objective(model, x, tokens, mask,
+    pooled, progress)``. ``teacher`` is a frozen MeanFlow model (the student's starting weights)."""
+
+    def __init__(self, cfg: SplitDistillConfig, teacher: nn.Module):
+        self.cfg, self.teacher = cfg, teacher
+
+    def __call__(self, model, x, text_tokens, text_mask, text_pooled, progress: float = 0.0, *,
+                 net: nn.Module | None = None, generator: torch.Generator | None = None):
+        cfg, batch, device = self.cfg, x.shape[0], x.device
+        text = (text_tokens, text_mask, text_pooled)
+        drop = torch.rand(batch, generator=generator, device=device) < cfg.text_drop
+        noise = torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype)
+        teacher_sample = sample(self.teacher, noise, *text, steps=cfg.teacher_steps, mean_flow=True, drop_text=drop)
+        target = noise - teacher_sample  # u(z_1, 0, 1) of the k-step path: x = z_1 - u
+
+        u = model(noise, torch.zeros(batch, device=device), torch.ones(batch, device=device), *text, drop)
+        precision = torch.promote_types(u.dtype, torch.float32)  # reduce bf16 outputs in float32
+        err = (u.to(precision) - target.to(precision)).pow(2).flatten(1).mean(1)
+        weight = (err.detach() + cfg.adaptive_c).pow(-cfg.adaptive_p)
+        loss = (weight * err).mean()
+        return loss, {"mse": err.mean().detach(), "jvp_rows": 0, "jvp_seconds": 0.0}
