@@ -13,9 +13,10 @@ model (the teacher) samples in k steps and the student's 1-step query regresses 
     loss = adaptive-weighted || u(z_1, 0, 1) - sg(z_1 - x_k(z_1)) ||^2,   z_1 ~ N(0, I)
 
 Only captions are needed (the images of the batch are not used). Every row is the 1-step
-query; the other intervals are not trained but follow (docs/benchmarks.md: the student's 2- and
-4-step samples improve too), so rounds with the previous student as the next teacher keep
-raising every step count.
+query; the other intervals are not trained. A fixed teacher saturates, so training runs in
+rounds, each round's result the next round's teacher (docs/benchmarks.md: on the demo recipe
+three rounds take 1 step from 0.75x to 0.87-0.90x its 4 steps; with long rounds 2 and 4 steps
+improve too, with short ones they stay where the fine-tune left them).
 """
 
 from __future__ import annotations
