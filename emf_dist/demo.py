@@ -49,9 +49,9 @@ def where_things_are(record: RunRecord) -> str:
              f"  encoders:    {os.path.join(out['encoders']['report'], 'report.md')}",
              f"  shards:      {out['prep']['out']} (manifest.json)"]
     for step in record.steps:  # the training runs in pipeline order: pretrain, finetune, distill_1, ...
-        if "run" in step.outputs:
-            what = "flow matching" if step.name == "pretrain" else "MeanFlow"
-            lines.append(f"  {step.name + ':':<12} {step.outputs['run']} ({what}: DeepSpeed checkpoints, samples/)")
+        if step.kind == "train" and "run" in step.outputs:
+            lines.append(f"  {step.name + ':':<12} {step.outputs['run']} "
+                         f"({step.config['mode']}: DeepSpeed checkpoints, samples/)")
     lines += [f"  model:       {model}",
               f"  try:         emf generate --model {model} --steps 1 --upscale 8 --out red.png \"a red circle\""]
     return "\n".join(lines)
