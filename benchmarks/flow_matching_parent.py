@@ -7,7 +7,7 @@
 DEMO_DIR is a finished `emf demo --out DEMO_DIR`: its shards and its parent's architecture are
 reused (--depth, --width, --heads, --mlp-ratio, --time-scale, --prediction change it). The recipe
 is the `emf` spec's pretraining (logit-normal(0, 1) times, plain squared error, lr 1e-3, batch 64,
-EMA) in emf_dist.local_trainer with the shards in memory. Writes
+EMA) in emf_dist.train.local with the shards in memory. Writes
 the export to DEMO_DIR/parents/NAME and prints flow matching's overall accuracy at 1 / 4 / 32 Euler
 steps; `python -m benchmarks.meanflow_finetune_variants --parent DEMO_DIR/parents/NAME` fine-tunes it.
 """
@@ -22,10 +22,11 @@ import torch
 
 from benchmarks.meanflow_finetune_variants import load_shards, score
 from emf_dist.export import export_model, load_model
-from emf_dist.local_trainer import LocalTrainConfig, train_local
 from emf_dist.meanflow import MeanFlowConfig, MeanFlowLoss
 from emf_dist.model import VelocityNet
 from emf_dist.time_sampling import TimeSamplerConfig
+from emf_dist.train.config import OptimConfig, ScalingOptions, TrainConfig
+from emf_dist.train.local import train_local
 
 
 def main() -> None:
@@ -54,9 +55,9 @@ def main() -> None:
     model = VelocityNet(cfg)
     objective = MeanFlowLoss(MeanFlowConfig(mode="flow_matching", adaptive_p=0.0,
                                             time=TimeSamplerConfig(mu=0.0, sigma=1.0)))
-    result = train_local(model, objective, data,
-                         LocalTrainConfig(steps=args.steps, batch_size=64, lr=1e-3, warmup=50, seed=args.seed,
-                                          log_every=250))
+    run = TrainConfig(steps=args.steps, micro_batch=64, seed=args.seed, scaling=ScalingOptions(num_workers=1),
+                      optim=OptimConfig(lr=1e-3, warmup_steps=50))
+    result = train_local(model, objective, data, run, log_every=250)
     result["ema"].copy_to(model)
     export = export_model(model, dataclasses.replace(info, model=cfg), os.path.join(args.demo, "parents", args.name))
     score({"flow_matching": export}, export + "-report", args.images_per_prompt,

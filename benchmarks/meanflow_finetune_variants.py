@@ -9,7 +9,7 @@ DEMO_DIR is a finished `emf demo --out DEMO_DIR`: its shards and its exported fl
 parent (or the one --parent names, e.g. from benchmarks.flow_matching_parent) are reused, so
 every variant starts from the same weights and sees the same data. The fine-tune is the demo's
 (EMF conversion and freezing, EMF schedule r != t 0.5 -> 0.9, batch 64, EMA) in one process
-(emf_dist.local_trainer, the shards decoded into memory), which isolates the objective from the
+(emf_dist.train.local, the shards decoded into memory), which isolates the objective from the
 distributed trainer. Prints MeanFlow's overall accuracy at 1 / 2 / 4 steps
 and writes the model and report under DEMO_DIR/variants/NAME.
 """
@@ -26,10 +26,11 @@ from emf_dist.config import from_dict
 from emf_dist.convert import freeze_for_emf_finetune, meanflow_from_flow_matching
 from emf_dist.eval.run import EvalConfig, run_benchmark_job
 from emf_dist.export import SamplingInfo, export_model, load_model
-from emf_dist.local_trainer import InMemoryData, LocalTrainConfig, train_local
 from emf_dist.meanflow import MeanFlowConfig, MeanFlowLoss
-from emf_dist.shard_loader import decode_sample, raw_samples
 from emf_dist.time_sampling import TimeSamplerConfig
+from emf_dist.train.config import OptimConfig, ScalingOptions, TrainConfig
+from emf_dist.train.local import InMemoryData, train_local
+from emf_dist.train.shard_loader import decode_sample, raw_samples
 
 
 def load_shards(folder: str) -> InMemoryData:
@@ -75,10 +76,10 @@ def main() -> None:
     objective_cfg = MeanFlowConfig(adaptive_p=args.adaptive_p, time=time_cfg, velocity=args.velocity,
                                    guidance_w=args.guidance_w)
     teacher = parent.eval().requires_grad_(False) if args.velocity == "teacher" else None
-    result = train_local(model, MeanFlowLoss(objective_cfg, teacher=teacher), data,
-                         LocalTrainConfig(steps=args.steps, batch_size=64, lr=args.lr, warmup=50, decay=args.decay,
-                                          min_lr_ratio=args.min_lr_ratio, ema_decay=args.ema_decay,
-                                          log_every=100))
+    run = TrainConfig(steps=args.steps, micro_batch=64, ema_decay=args.ema_decay,
+                      scaling=ScalingOptions(num_workers=1),
+                      optim=OptimConfig(lr=args.lr, warmup_steps=50, decay=args.decay, min_lr_ratio=args.min_lr_ratio))
+    result = train_local(model, MeanFlowLoss(objective_cfg, teacher=teacher), data, run, log_every=100)
     result["ema"].copy_to(model)
     export = export_model(model, dataclasses.replace(info, model=model.cfg, sampling=SamplingInfo(mean_flow=True)),
                           os.path.join(out, "export"))

@@ -43,7 +43,7 @@ TWO_ACTORS = ["ray.encoders=2", "ray.encoder_cpus=0.75", "ray.loader_cpus=0.25",
 def bare_encoder(spec: dict) -> dict:
     import torch
 
-    from data_prep.scenes import SceneConfig, iter_scenes
+    from emf_dist.scenes.generator import SceneConfig, iter_scenes
     from emf_dist.text_encoder import TextEncoder, TextEncoderConfig
 
     torch.set_num_threads(spec["threads"])

@@ -3,7 +3,7 @@
     python -m benchmarks.shard_decode --shard DATASET_DIR/000000.tar [--rounds 5]
 
 Reads the shard's raw members once (timing WebDataset's tar parsing), then decodes every sample
-with emf_dist.shard_loader.decode_sample as it is (npy headers parsed once per layout) and with
+with emf_dist.train.shard_loader.decode_sample as it is (npy headers parsed once per layout) and with
 ``np.load(allow_pickle=False)`` for every member (what it did before), alternating rounds in one
 process so the machine's drift hits both alike. Prints milliseconds per sample.
 """
@@ -17,7 +17,7 @@ from unittest import mock
 
 import numpy as np
 
-from emf_dist import shard_loader
+from emf_dist.train import shard_loader
 
 
 def read_raw(path: str) -> list[dict]:

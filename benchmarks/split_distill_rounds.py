@@ -20,8 +20,9 @@ import torch
 
 from benchmarks.meanflow_finetune_variants import load_shards, score
 from emf_dist.export import export_model, load_model
-from emf_dist.local_trainer import LocalTrainConfig, train_local
 from emf_dist.split_distill import SplitDistillConfig, SplitDistillLoss
+from emf_dist.train.config import OptimConfig, ScalingOptions, TrainConfig
+from emf_dist.train.local import train_local
 
 
 def main() -> None:
@@ -43,9 +44,9 @@ def main() -> None:
     for round_number in range(1, args.rounds + 1):
         teacher = copy.deepcopy(model).eval().requires_grad_(False)
         model.requires_grad_(True)
-        result = train_local(model, SplitDistillLoss(objective_cfg, teacher), data,
-                             LocalTrainConfig(steps=args.steps, batch_size=64, lr=args.lr, warmup=50,
-                                              seed=round_number, log_every=100))
+        run = TrainConfig(steps=args.steps, micro_batch=64, seed=round_number, scaling=ScalingOptions(num_workers=1),
+                          optim=OptimConfig(lr=args.lr, warmup_steps=50))
+        result = train_local(model, SplitDistillLoss(objective_cfg, teacher), data, run, log_every=100)
         result["ema"].copy_to(model)
         out = os.path.join(args.demo, "variants", f"{args.name}_r{round_number}")
         export = export_model(model, info, os.path.join(out, "export"))

@@ -29,8 +29,8 @@ from emf_dist.config import from_dict
 from emf_dist.manifest import read_manifest
 from emf_dist.meanflow import MeanFlowLoss
 from emf_dist.model import VelocityNet
-from emf_dist.train import train
-from emf_dist.train_config import TrainConfig
+from emf_dist.train.config import TrainConfig
+from emf_dist.train.driver import train
 
 
 def run_config(data: str, storage: str, name: str, steps: int, micro_batch: int, workers: int,

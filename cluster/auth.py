@@ -1,4 +1,4 @@
-"""Ray token authentication, as Ray 2.60 implements it (FINDINGS.md #6).
+"""Ray token authentication, as Ray 2.60 implements it (docs/findings.md §6).
 
 Read from ray/_private/authentication/ in the installed Ray:
 

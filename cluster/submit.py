@@ -6,7 +6,7 @@ job's runtime environment carries the working directory (``job.working_dir`` min
 environment variables the spec names in ``job.env_vars``, sealed with the cluster token
 (cluster/sealed_env.py): their values appear in no spec, entrypoint, record or Ray log.
 
-The entrypoint is ``python -m cluster.sealed_env python -m emf_dist.cli pipeline run SPEC
+The entrypoint is ``python -m cluster.sealed_env python -m emf_app.cli pipeline run SPEC
 [overrides] storage=...``: the code comes from the uploaded working directory, and local
 storage is passed as an absolute path (a relative one would land in the job's temporary copy).
 Overrides travel in the entrypoint, which Ray shows in its job table: configs, never secrets.
@@ -56,7 +56,7 @@ def submit(spec_arg: str, overrides: list[str], address: str | None = None, foll
         echo(f"warning: storage {spec.storage} is a local folder; on a remote cluster it is a folder on the head "
              "node. Use s3://... to keep the results")
     args = [_spec_argument(spec_arg, working_dir), *overrides, f"storage={spec.storage}"]
-    entrypoint = shlex.join(["python", "-m", "cluster.sealed_env", "python", "-m", "emf_dist.cli", "pipeline", "run",
+    entrypoint = shlex.join(["python", "-m", "cluster.sealed_env", "python", "-m", "emf_app.cli", "pipeline", "run",
                              *args])
     runtime_env, sealed_names = build_runtime_env(spec, working_dir, token)
 

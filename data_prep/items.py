@@ -52,7 +52,7 @@ class RawItem:
 
 
 def sanitize_key(raw: str) -> str:
-    """A WebDataset-safe key: the first dot would split key from extension (FINDINGS #8), and
+    """A WebDataset-safe key: the first dot would split key from extension (docs/findings.md §8), and
     slashes would become tar folders; both, and anything else odd, become '_'."""
     return _KEY_UNSAFE.sub("_", raw) or "_"
 

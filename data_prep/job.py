@@ -25,10 +25,10 @@ from data_prep.plan import check_same_settings, config_mismatches, manifest_sett
 from data_prep.shard import ShardWork, bad_input_message
 from data_prep.sources import Source, make_source
 from data_prep.state import DatasetState, VersionPlan, build_manifest
-from data_prep.storage import Store
 from data_prep.writer import RECORDS
 from emf_dist.config import validate_config
 from emf_dist.manifest import Manifest
+from emf_dist.storage import Store
 
 
 @dataclass

@@ -24,9 +24,9 @@ from data_prep.config import PrepConfig, RayConfig
 from data_prep.encode import ShardEncoder, describe_models
 from data_prep.items import BadInputError, PrepError
 from data_prep.shard import ShardLoader, ShardWork, to_row
-from data_prep.storage import Store
 from data_prep.writer import write_shard_batch
 from emf_dist.config import to_dict
+from emf_dist.storage import Store
 
 log = logging.getLogger(__name__)
 

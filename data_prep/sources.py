@@ -25,9 +25,9 @@ import fsspec
 import numpy as np
 
 from data_prep.items import ItemRef, PrepError, RawItem, sanitize_key
-from data_prep.scenes import SPLITS, SceneConfig, make_scene, scene_key
-from data_prep.storage import expand_urls, redact
 from emf_dist.config import to_dict
+from emf_dist.scenes.generator import SPLITS, SceneConfig, make_scene, scene_key
+from emf_dist.storage import expand_urls, redact
 
 IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 TABLE_SUFFIXES = (".parquet", ".jsonl", ".ndjson")

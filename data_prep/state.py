@@ -23,9 +23,9 @@ from typing import Any
 
 from data_prep.items import PrepError
 from data_prep.shard import shard_name
-from data_prep.storage import Store
 from data_prep.writer import RECORDS, record_name
 from emf_dist.manifest import MANIFEST_NAME, ImageSpec, Manifest, ShardEntry
+from emf_dist.storage import Store
 
 PLANS = "_prep"
 MANIFESTS = "manifests"
@@ -87,7 +87,7 @@ class DatasetState:
 
     def save_plan(self, plan: VersionPlan) -> None:
         self.store.make_dirs()
-        self.store.write_bytes(plan_name(plan.version), plan.to_bytes())
+        self.store.write_bytes(plan.to_bytes(), plan_name(plan.version))
 
     def discard_plan(self, plan: VersionPlan) -> None:
         """Forget a plan that cannot finish (strict mode met bad input): the rerun plans afresh,
@@ -112,7 +112,7 @@ class DatasetState:
         """Records of the plan's shards that are complete: record present and, for a non-empty
         shard, the tar present with the recorded size."""
         indices = set(range(plan.first_shard, plan.first_shard + plan.num_shards))
-        listed = set(self.store.list(RECORDS))
+        listed = set(self.store.names(RECORDS))
         tars = {name: self.store.size(name) for name in map(shard_name, indices)}
         done = {}
         for index in sorted(indices):
@@ -128,8 +128,8 @@ class DatasetState:
     def write_manifest(self, manifest: Manifest) -> str:
         """The versioned copy first, then manifest.json: the latest manifest always has its copy."""
         text = manifest.to_json().encode()
-        self.store.write_bytes(versioned_manifest_name(manifest.version), text)
-        self.store.write_bytes(MANIFEST_NAME, text)
+        self.store.write_bytes(text, versioned_manifest_name(manifest.version))
+        self.store.write_bytes(text, MANIFEST_NAME)
         return self.store.url_of(MANIFEST_NAME)
 
 

@@ -1,7 +1,7 @@
 """Shard writing: one WebDataset tar per shard, published atomically, then its completion record.
 
 A shard is first written whole to a temp file (hashing as it goes), then published under its
-final name ``NNNNNN.tar`` in one step (see data_prep/storage.py), and only then is its record
+final name ``NNNNNN.tar`` in one step (see emf_dist/storage.py), and only then is its record
 ``_prep/shards/NNNNNN.json`` written. A rerun trusts a shard only when both exist and agree,
 so a writer killed at any point leaves either nothing or a shard that is redone.
 """
@@ -18,8 +18,8 @@ from typing import Iterator
 import numpy as np
 
 from data_prep.shard import ShardBatch, shard_name, unpack
-from data_prep.storage import Store
 from emf_dist.manifest import IMAGE_MEMBERS
+from emf_dist.storage import Store
 
 RECORDS = "_prep/shards"
 # A fixed member mtime makes a shard's bytes a function of its content, so a shard redone
@@ -99,7 +99,7 @@ def write_shard(shard: ShardBatch, store: Store, image_kind: str, run_id: str = 
         store.publish_local(tmp, name)
         record.update(bytes=out.size, sha256=out.sha.hexdigest())
     record["seconds"] = dict(shard.seconds, write=time.perf_counter() - started)
-    store.write_bytes(record_name(shard.index), json.dumps(record, sort_keys=True).encode())
+    store.write_bytes(json.dumps(record, sort_keys=True).encode(), record_name(shard.index))
     return record
 
 
@@ -123,5 +123,5 @@ def write_shard_batch(batch: dict[str, np.ndarray], store: Store, image_kind: st
 
 def _written_by(store: Store, run_id: str) -> int:
     """Shards this run has finished (fault injection only: it reads every record)."""
-    records = (json.loads(store.read_bytes(name) or b"{}") for name in store.list(RECORDS))
+    records = (json.loads(store.read_bytes(name) or b"{}") for name in store.names(RECORDS))
     return sum(r.get("run") == run_id for r in records)

@@ -1,7 +1,7 @@
 """Attention that works in both passes of the MeanFlow step.
 
 The gradient pass uses the fused ``F.scaled_dot_product_attention``. The JVP pass runs under
-forward-mode AD, where the fused kernels have no derivative (FINDINGS.md #1). When any input
+forward-mode AD, where the fused kernels have no derivative (docs/findings.md §1). When any input
 carries a forward-mode tangent we therefore compute the output *and* its tangent ourselves,
 exactly, one block of queries at a time, so the N x N score matrix is never held for all
 queries at once.

@@ -8,7 +8,7 @@ its regression target
 
 and the loss is the adaptive-weighted ||u - sg(u_tgt)||^2, weight 1 / (||err||^2 + c)^p.
 
-Because u_tgt is stop-gradient, the step runs in two passes (FINDINGS.md #3):
+Because u_tgt is stop-gradient, the step runs in two passes (docs/findings.md §3):
   1. du/dt by forward-mode AD under no_grad, in float32 even under bf16 autocast, on the rows
      with r != t only (rows with r = t have target v and need no derivative);
   2. an ordinary forward with gradients (and activation checkpointing, if the model has it on).
@@ -122,7 +122,7 @@ class MeanFlowLoss:
 
     ``model`` runs the gradient pass and may be a wrapper (DeepSpeed engine, DDP) that syncs
     gradients; ``net`` (default: model) is the plain module used for the no-grad passes,
-    since forward-mode AD does not run through such wrappers (FINDINGS.md #11). ``teacher``
+    since forward-mode AD does not run through such wrappers (docs/findings.md §11). ``teacher``
     (frozen, no gradients) supplies v when ``cfg.velocity`` is "teacher".
     """
 

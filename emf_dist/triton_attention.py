@@ -1,6 +1,6 @@
 """Attention output and its forward-mode tangent in one fused Triton kernel (the CUDA JVP path).
 
-Fused attention kernels have no forward-mode AD (FINDINGS.md #1). On CPU the JVP pass uses the
+Fused attention kernels have no forward-mode AD (docs/findings.md §1). On CPU the JVP pass uses the
 blockwise PyTorch tangent in ``emf_dist.attention``; on CUDA this kernel computes the same two
 outputs in a single sweep over the keys with an online softmax, as flash attention computes O,
 so neither the N x N scores nor their tangent are ever stored. With s = 1/sqrt(d):

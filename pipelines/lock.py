@@ -41,7 +41,7 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from pipelines.store import Store
+from emf_dist.storage import Store
 
 LEASE_PREFIX = "lease-"
 

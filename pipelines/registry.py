@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from emf_dist.config import from_dict, to_dict
-from pipelines.store import Store
+from emf_dist.storage import Store
 
 POINTER = "promoted.json"
 VERSIONS = "versions"

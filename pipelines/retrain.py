@@ -17,7 +17,7 @@ One run, under the registry's lease lock (a second run waits ``lock.wait_s``, th
    registered with its scores and the reason; promotion moves the registry's pointer.
 
 Why the base and not the promoted MeanFlow export: `emf train` fine-tunes MeanFlow only from a
-flow-matching export (emf_dist/train.py resolve_model refuses a dual-time-embedding parent), so
+flow-matching export (emf_dist/train/driver.py resolve_model refuses a dual-time-embedding parent), so
 each retrain repeats EMF's conversion + fine-tune (+ distillation) on all data so far; the
 registry records the base of every version for this.
 """

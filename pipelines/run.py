@@ -36,10 +36,10 @@ from typing import Any, Callable
 
 from emf_dist import storage
 from emf_dist.config import non_defaults, to_dict
+from emf_dist.storage import Store
 from pipelines.lock import LeaseLock
 from pipelines.spec import PipelineSpec, StepSpec, resolve
 from pipelines.steps import KINDS, StepContext, artifact_identity
-from pipelines.store import Store
 
 LOCK_TTL_S = 300.0
 

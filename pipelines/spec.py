@@ -31,6 +31,7 @@ from typing import Any, Literal
 
 from emf_dist import storage
 from emf_dist.config import ConfigError, load_config
+from pipelines.steps import KINDS, step_config_problems
 
 SPECS_DIR = Path(__file__).parent / "specs"
 REFERENCE = re.compile(r"\$\{([^}]*)\}")
@@ -71,8 +72,6 @@ class PipelineSpec:
     job: JobSpec = field(default_factory=JobSpec)
 
     def validate(self) -> list[str]:
-        from pipelines.steps import step_config_problems  # steps.py imports this module
-
         problems = []
         if not self.steps:
             problems.append("steps: a pipeline needs at least one step")
@@ -108,7 +107,6 @@ class PipelineSpec:
 
 
 def _outputs_of(step: StepSpec) -> tuple[str, ...]:
-    from pipelines.steps import KINDS
     return KINDS[step.kind].output_names(step.config)
 
 

@@ -1,30 +1,24 @@
 """The step kinds a pipeline can run, each a thin adapter over an existing entry point.
 
     prep            data_prep.job.run_prep(PrepConfig)             outputs: out, manifest_version
-    train           emf_dist.train.train(TrainConfig)              outputs: export, checkpoint, run
-    eval_encoders   `emf eval encoders` (emf_dist.cli.main)         outputs: report, metrics, selected
-    eval_benchmark  `emf eval benchmark` (emf_dist.cli.main)        outputs: report, metrics, model
+    train           emf_dist.train.driver.train(TrainConfig)       outputs: export, checkpoint, run
+    eval_encoders   `emf eval encoders` (emf_app.cli.main)         outputs: report, metrics, selected
+    eval_benchmark  `emf eval benchmark` (emf_app.cli.main)        outputs: report, metrics, model
     command         any program (argv, no shell)                   outputs: dir + the ones it declares
 
 A kind says which URLs in its config are its inputs (their content identity goes into the
 step's fingerprint, see run.py), where its outputs go by default (the step's own folder), and
-how to run. The evaluation kinds go through the `emf eval` command line on purpose: it is the
-evaluation's stable contract (config file + flags in, report folder with metrics.json out),
-while its Python functions are still moving.
+how to run. Each kind calls the library function its `emf` command calls, so a step and the
+command behave alike; pipelines sit below the command line and never call it.
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import subprocess
-import sys
-import tempfile
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
-
-import yaml
+from typing import Any, Callable
 
 from emf_dist import storage
 from emf_dist.config import ConfigError, from_dict
@@ -117,7 +111,7 @@ class TrainKind(Kind):
     url_outputs = ("export",)
 
     def parse(self, raw: dict):
-        from emf_dist.train_config import TrainConfig
+        from emf_dist.train.config import TrainConfig
         return from_dict(TrainConfig, raw, validate=True)
 
     def inputs(self, cfg) -> list[str]:
@@ -129,7 +123,7 @@ class TrainKind(Kind):
         return {"storage_path": step_dir, "name": name}
 
     def run(self, cfg, ctx: StepContext) -> dict[str, Any]:
-        from emf_dist.train import train
+        from emf_dist.train.driver import train
         join_cluster_if_in_job()
         result = train(cfg)
         checkpoint = result.checkpoint
@@ -149,10 +143,11 @@ class EncoderEvalKind(Kind):
         return cfg
 
     def run(self, cfg: EncoderEvalStepConfig, ctx: StepContext) -> dict[str, Any]:
-        with output_folder(cfg.out) as out, _config_file(cfg.eval) as config:
-            _emf(["eval", "encoders", config, "--out", out, "--device", cfg.device])
-            with open(os.path.join(out, "encoders.json")) as f:
-                selected = json.load(f)["selection"]["selected"]
+        from emf_dist.eval.encoders import EncoderEvalConfig
+        from emf_dist.eval.run import run_encoder_job
+        with storage.output_folder(cfg.out) as out:
+            result = run_encoder_job(from_dict(EncoderEvalConfig, cfg.eval, path="eval", validate=True), out, cfg.device)
+        selected = result["selection"]["selected"]
         if selected is None and cfg.require_selection:
             report = storage.join(cfg.out, "report.md")
             raise StepFailed(f"no candidate text encoder passed the selection; see {report}")
@@ -173,13 +168,12 @@ class BenchmarkKind(Kind):
         return [cfg.model] + ([cfg.baseline] if cfg.baseline else [])
 
     def run(self, cfg: BenchmarkStepConfig, ctx: StepContext) -> dict[str, Any]:
+        from emf_dist.eval.run import EvalConfig, run_benchmark_job
+        roles = {"model": cfg.model, **({"baseline": cfg.baseline} if cfg.baseline else {})}
         with contextlib.ExitStack() as stack:
-            model = stack.enter_context(local_folder(cfg.model))
-            argv = ["eval", "benchmark", stack.enter_context(_config_file(cfg.eval)), "--model", model]
-            if cfg.baseline:
-                argv += ["--baseline", stack.enter_context(local_folder(cfg.baseline))]
-            out = stack.enter_context(output_folder(cfg.out))
-            _emf(argv + ["--out", out])
+            dirs = {role: stack.enter_context(storage.local_folder(url)) for role, url in roles.items()}
+            out = stack.enter_context(storage.output_folder(cfg.out))
+            run_benchmark_job(dirs, from_dict(EvalConfig, cfg.eval, path="eval", validate=True), out)
         return {"report": cfg.out, "metrics": storage.join(cfg.out, "metrics.json"), "model": cfg.model}
 
 
@@ -255,45 +249,3 @@ def artifact_identity(url: str) -> str:
         stamp = fs.cat_file(name) if is_info else f"{fs.size(name)}:{fs.checksum(name)}".encode()
         digest.update(name[len(path):].lstrip("/").encode() + b"\0" + stamp + b"\0")
     return digest.hexdigest()
-
-
-@contextlib.contextmanager
-def local_folder(url: str) -> Iterator[str]:
-    """A local copy of a (possibly remote) folder for tools that read local paths."""
-    if not storage.is_remote(url):
-        yield storage.local_path(url)
-        return
-    fs, path = storage.filesystem(url)
-    with tempfile.TemporaryDirectory(prefix="emf-input-") as tmp:
-        fs.get(path.rstrip("/") + "/", tmp, recursive=True)
-        yield tmp
-
-
-@contextlib.contextmanager
-def output_folder(url: str) -> Iterator[str]:
-    """A local folder whose contents end up at ``url`` (uploaded after the block for remote URLs)."""
-    if not storage.is_remote(url):
-        os.makedirs(storage.local_path(url), exist_ok=True)
-        yield storage.local_path(url)
-        return
-    fs, path = storage.filesystem(url)
-    with tempfile.TemporaryDirectory(prefix="emf-output-") as tmp:
-        yield tmp
-        fs.put(tmp.rstrip("/") + "/", path.rstrip("/"), recursive=True)
-
-
-@contextlib.contextmanager
-def _config_file(data: dict) -> Iterator[str]:
-    with tempfile.TemporaryDirectory(prefix="emf-step-") as tmp:
-        path = os.path.join(tmp, "config.yaml")
-        with open(path, "w") as f:
-            yaml.safe_dump(data, f, sort_keys=False)
-        yield path
-
-
-def _emf(argv: list[str]) -> None:
-    from emf_dist.cli import main
-    sys.stdout.flush()
-    code = main(argv)
-    if code != 0:
-        raise StepFailed(f"`emf {' '.join(argv[:2])}` exited with code {code} (its message is above)")

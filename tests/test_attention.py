@@ -52,7 +52,7 @@ def test_dispatch_uses_fused_kernel_without_tangents_and_jvp_path_with_them():
     mask = _mask(2, 5)
     plain = attention(q, k, v, mask)
     torch.testing.assert_close(plain, F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None]))
-    # F.scaled_dot_product_attention itself refuses forward-mode AD on CPU (FINDINGS.md #1) in
+    # F.scaled_dot_product_attention itself refuses forward-mode AD on CPU (docs/findings.md §1) in
     # some versions; ours must always work, and agree with the math reference.
     with fwAD.dual_level():
         out = attention(fwAD.make_dual(q, dq), fwAD.make_dual(k, dk), fwAD.make_dual(v, dv), mask)

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from cluster import auth, local
-from emf_dist.cli import main
+from emf_app.cli import main
 from emf_dist.config import parse_cli
 from tests.helpers import free_port
 
@@ -69,7 +69,7 @@ def get(url: str, token: str | None) -> int:
 def submit(workdir: Path, spec: dict, address: str, env: dict) -> subprocess.CompletedProcess:
     (workdir / "spec.json").write_text(json.dumps(spec))
     # -P: the submitter imports the checkout (a git tree), the job gets the uploaded copy.
-    return subprocess.run([sys.executable, "-P", "-m", "emf_dist.cli", "submit", "spec.json", "--address", address,
+    return subprocess.run([sys.executable, "-P", "-m", "emf_app.cli", "submit", "spec.json", "--address", address,
                            "--follow"], cwd=workdir, env={**os.environ, **env}, capture_output=True, text=True,
                           timeout=300)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from emf_dist.cli import build_parser
+from emf_app.cli import build_parser
 from emf_dist.config import parse_cli
 
 CLUSTER = Path(__file__).resolve().parents[1] / "cluster"
@@ -109,11 +109,11 @@ def test_entrypoints_run_emf_commands_that_exist_with_valid_configs(where, entry
     assert argv[0] == "emf", f"{where}: entrypoints call the emf command line"
     args = build_parser().parse_args(argv[1:])  # unknown commands and flags exit here
     if args.command == "train":
-        from emf_dist.train_config import TrainConfig
+        from emf_dist.train.config import TrainConfig
         parse_cli(TrainConfig, args.config)
     elif args.command == "retrain":
-        from pipelines.retrain import RetrainConfig, retrain_spec
         from pipelines.registry import ModelVersion
+        from pipelines.retrain import RetrainConfig, retrain_spec
         cfg = parse_cli(RetrainConfig, args.config)
         retrain_spec(cfg, ModelVersion(model="s3://m/mf", base="s3://m/fm", dataset=cfg.dataset, manifest_version=1))
     elif args.command == "pipeline":

@@ -6,8 +6,17 @@ from typing import Literal, Optional
 
 import pytest
 
-from emf_dist.config import (ConfigError, apply_overrides, from_dict, load_config,
-                             non_defaults, parse_cli, save_config, to_dict, validate_config)
+from emf_dist.config import (
+    ConfigError,
+    apply_overrides,
+    from_dict,
+    load_config,
+    non_defaults,
+    parse_cli,
+    save_config,
+    to_dict,
+    validate_config,
+)
 
 
 @dataclass

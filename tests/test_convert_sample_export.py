@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from emf_dist.cli import main as emf
+from emf_app.cli import main as emf
 from emf_dist.convert import freeze_for_emf_finetune, meanflow_from_flow_matching
 from emf_dist.ema import EMA
 from emf_dist.export import ExportInfo, SamplingInfo, export_model, load_model

@@ -18,7 +18,7 @@ import yaml
 from PIL import Image
 
 from cluster import auth, local
-from emf_dist.cli import main as emf
+from emf_app.cli import main as emf
 from emf_dist.manifest import read_manifest
 from pipelines.registry import Registry
 from tests.helpers import free_port
@@ -50,7 +50,7 @@ def demo(tmp_path_factory) -> dict[str, str]:
                    dashboard_agent_listen_port=free_port(), num_cpus=2, temp_dir=str(root / "ray"),
                    state_file=str(root / "cluster.json"))
     # A process of its own, as `emf demo` runs: Ray's drivers keep logging handlers and settings.
-    script = ("import json, sys; from cluster.local import LocalClusterConfig; from emf_dist.demo import run_demo; "
+    script = ("import json, sys; from cluster.local import LocalClusterConfig; from emf_app.demo import run_demo; "
               "run_demo(sys.argv[1], json.loads(sys.argv[2]), LocalClusterConfig(**json.loads(sys.argv[3])))")
     env = {**os.environ, auth.TOKEN_PATH_VAR: str(root / "auth_token")}
     done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "demo"), json.dumps(TINY), json.dumps(cluster)],
@@ -113,7 +113,7 @@ def test_the_demo_model_retrains_on_new_data_and_then_has_nothing_to_do(demo, tm
         "initial": {"model": demo["model"], "base": str(Path(demo["pretrain"]) / "export")}}))
 
     def retrain() -> str:
-        done = subprocess.run([sys.executable, "-m", "emf_dist.cli", "retrain", str(config)], cwd=REPO,
+        done = subprocess.run([sys.executable, "-m", "emf_app.cli", "retrain", str(config)], cwd=REPO,
                               capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         return done.stdout

@@ -9,10 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from emf_dist.cli import main as emf
+from emf_app.cli import main as emf
 from emf_dist.convert import meanflow_from_flow_matching
 from emf_dist.eval.benchmark import BenchmarkConfig, prompt_set, run_benchmark, score_images
-from emf_dist.eval.export_layouts import export_dpg, export_geneval, score_geneval_folder, scene_geneval_metadata
+from emf_dist.eval.export_layouts import export_dpg, export_geneval, scene_geneval_metadata, score_geneval_folder
 from emf_dist.eval.report import write_report
 from emf_dist.eval.sampling import fixed_noise
 from emf_dist.export import ExportInfo, SamplingInfo, export_model, load_model
@@ -20,8 +20,6 @@ from emf_dist.generate import load_encoder_for, save_png
 from emf_dist.model import ModelConfig, VelocityNet
 from emf_dist.text_encoder import TextEncoder, TextEncoderConfig
 from tests.helpers import randomised
-
-
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

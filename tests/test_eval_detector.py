@@ -4,9 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from data_prep.scenes import SceneConfig, iter_scenes, make_scene, prompt_for, render
-from emf_dist.eval.detector import (calibrate, detect, evaluate, metadata_of, relative_position, scene_metadata,
-                                    score)
+from emf_dist.scenes.detector import calibrate, detect, evaluate, metadata_of, relative_position, scene_metadata, score
+from emf_dist.scenes.generator import SceneConfig, iter_scenes, make_scene, prompt_for, render
 
 
 @pytest.mark.parametrize("resolution, count", [(32, 300), (16, 100), (64, 60)])

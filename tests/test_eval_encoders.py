@@ -6,11 +6,20 @@ import numpy as np
 import pytest
 import torch
 
-from emf_dist.cli import main as emf
+from emf_app.cli import main as emf
 from emf_dist.eval.baselines import HashedBagOfWords
-from emf_dist.eval.encoders import (Candidate, DiscriminabilityConfig, DisentanglementConfig, EncoderEvalConfig,
-                                    RetrievalSet, _TransformersAdapter, discriminability, evaluate_encoders,
-                                    reduce_prompt, units)
+from emf_dist.eval.encoders import (
+    Candidate,
+    DiscriminabilityConfig,
+    DisentanglementConfig,
+    EncoderEvalConfig,
+    RetrievalSet,
+    _TransformersAdapter,
+    discriminability,
+    evaluate_encoders,
+    reduce_prompt,
+    units,
+)
 from emf_dist.text_encoder import TextEncoder, TextEncoderConfig
 
 # Smaller than the defaults (150 scenes, 60 prompts) to fit the test budget; the seeds are the defaults'.

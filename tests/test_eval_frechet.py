@@ -5,9 +5,9 @@ import pytest
 import scipy.linalg
 import torch
 
-from data_prep.scenes import SceneConfig, iter_scenes
 from emf_dist.eval.backbone import VisionBackbone
 from emf_dist.eval.frechet import feature_stats, frechet_between, frechet_distance
+from emf_dist.scenes.generator import SceneConfig, iter_scenes
 
 
 def test_commuting_covariances_match_the_closed_form():

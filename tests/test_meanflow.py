@@ -9,7 +9,7 @@ import torch.autograd.forward_ad as fwAD
 from emf_dist.meanflow import MeanFlowConfig, MeanFlowLoss, time_derivative
 from emf_dist.model import VelocityNet
 from emf_dist.time_sampling import TimeSamplerConfig
-from tests.helpers import randomised, random_text, tiny_config
+from tests.helpers import random_text, randomised, tiny_config
 
 
 @pytest.fixture(autouse=True)

@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from emf_dist.local_trainer import InMemoryData, LocalTrainConfig, train_local
 from emf_dist.meanflow import MeanFlowConfig, MeanFlowLoss
 from emf_dist.model import ModelConfig, VelocityNet
 from emf_dist.samplers import sample
 from emf_dist.text_encoder import TextEncoder, TextEncoderConfig
 from emf_dist.time_sampling import TimeSamplerConfig
+from emf_dist.train.config import OptimConfig, ScalingOptions, TrainConfig
+from emf_dist.train.local import InMemoryData, train_local
 
 SIDE = 8
 CAPTIONS = ["a red block", "a blue block", "a yellow block"]
@@ -38,6 +39,11 @@ def _dataset(encoder: TextEncoder) -> InMemoryData:
     return InMemoryData(torch.stack(images), text.tokens.float(), text.mask, text.pooled.float())
 
 
+def _local_config(steps: int) -> TrainConfig:
+    return TrainConfig(steps=steps, micro_batch=16, ema_decay=0.99, scaling=ScalingOptions(num_workers=1),
+                       optim=OptimConfig(lr=1e-3, warmup_steps=20))
+
+
 def _train_and_sample(data: InMemoryData, mode: str) -> np.ndarray:
     torch.manual_seed(0)
     model = VelocityNet(ModelConfig(input_size=SIDE, patch_size=2, width=64, depth=3, heads=4, text_dim=384,
@@ -45,8 +51,7 @@ def _train_and_sample(data: InMemoryData, mode: str) -> np.ndarray:
     # Uniform times cover (r, t) = (0, 1), the pair one-step sampling asks for.
     loss = MeanFlowConfig(mode=mode, time=TimeSamplerConfig(distribution="uniform", r_neq_t=0.75), text_drop=0.0,
                           adaptive_p=1.0 if mode == "meanflow" else 0.0)
-    ema = train_local(model, MeanFlowLoss(loss), data, LocalTrainConfig(steps=STEPS, batch_size=16, lr=1e-3,
-                                                                        warmup=20, ema_decay=0.99))["ema"]
+    ema = train_local(model, MeanFlowLoss(loss), data, _local_config(STEPS))["ema"]
     ema.copy_to(model)
     rows = torch.arange(24) % len(data)
     noise = torch.randn(24, 3, SIDE, SIDE, generator=torch.Generator().manual_seed(1))

@@ -20,13 +20,14 @@ import fsspec
 import numpy as np
 import pytest
 
+from emf_app.cli import main
 from emf_dist import storage
-from emf_dist.cli import main
 from emf_dist.manifest import ImageSpec, Manifest, ShardEntry
+from emf_dist.storage import Store
 from pipelines.lock import LeaseLock, LockHeld, LockLost
 from pipelines.registry import ModelVersion, Registry
 from pipelines.retrain import GateConfig, InitialModel, LockOptions, RetrainConfig, decide, retrain
-from pipelines.store import Store
+from pipelines.spec import load_spec
 from tests.s3_server import s3_server
 
 SECRET = "retrain-test-secret-Kq2"
@@ -325,3 +326,17 @@ def test_retrain_config_is_checked_before_anything_runs(tmp_path):
     assert "gate.margin must be >= 0" in str(err.value) and "prep.out must be left out" in str(err.value)
     with pytest.raises(ConfigError, match="source.kindd"):
         parse_cli(RetrainConfig, [f"dataset={tmp_path}", "prep.source.kindd=folder"])
+
+
+def test_retrain_trains_its_candidate_with_the_emf_recipe():
+    """A candidate is compared with the promoted model: both must be made the same way."""
+    def train_configs(name: str) -> dict:
+        spec = load_spec(name)
+        # what a run is, minus where its inputs come from (the two specs read different datasets)
+        return {name: {k: v for k, v in step.config.items() if k not in ("init_from", "data", "logging")}
+                for name, step in spec.steps.items() if step.kind == "train" and name != "pretrain"}
+
+    emf, retrain = train_configs("emf"), train_configs("retrain")
+    assert set(retrain) == {"finetune", "distill_1", "distill_2", "distill_3"}
+    for name, config in retrain.items():
+        assert config == emf[name], name

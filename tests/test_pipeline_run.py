@@ -13,12 +13,12 @@ import uuid
 
 import pytest
 
-from emf_dist.cli import main
+from emf_app.cli import main
 from emf_dist.config import ConfigError
+from emf_dist.storage import Store
 from pipelines.lock import LeaseLock
 from pipelines.run import PipelineFailed, run_pipeline
 from pipelines.spec import load_spec
-from pipelines.store import Store
 from tests.s3_server import s3_server
 
 

@@ -26,10 +26,10 @@ from PIL import Image
 
 from data_prep.config import PrepConfig
 from data_prep.job import run_prep
-from data_prep.scenes import SceneConfig, make_scene
-from emf_dist.cli import main
+from emf_app.cli import main
 from emf_dist.config import load_config
 from emf_dist.manifest import read_manifest
+from emf_dist.scenes.generator import SceneConfig, make_scene
 from emf_dist.text_encoder import TextEncoder, TextEncoderConfig
 from tests.s3_server import s3_server
 
@@ -214,8 +214,8 @@ def test_strict_names_the_first_offender_without_a_traceback(tmp_path, ray_local
 
 @pytest.fixture(scope="module")
 def tiny_vae(tmp_path_factory):
-    from diffusers import AutoencoderKL
     import torch
+    from diffusers import AutoencoderKL
 
     torch.manual_seed(0)
     vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,

@@ -22,10 +22,10 @@ from data_prep.plan import select_new
 from data_prep.shard import ShardBatch
 from data_prep.sources import SourceConfig, make_source
 from data_prep.state import VersionPlan
-from data_prep.storage import Store, redact
 from data_prep.writer import InjectedCrash, write_shard
-from emf_dist.cli import main
+from emf_app.cli import main
 from emf_dist.config import ConfigError, load_config
+from emf_dist.storage import Store, redact
 
 
 def test_bad_config_lists_every_problem_before_any_work():

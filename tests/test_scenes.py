@@ -1,4 +1,4 @@
-"""Tests for the procedural scene generator (data_prep/scenes.py)."""
+"""Tests for the procedural scene generator (emf_dist/scenes/generator.py)."""
 from __future__ import annotations
 
 import json
@@ -7,8 +7,19 @@ from collections import Counter, deque
 import numpy as np
 import pytest
 
-from data_prep.scenes import (COLORS, NUMBER_WORDS, SHAPES, TASKS, TEMPLATES, SceneConfig,
-                              iter_scenes, make_scene, prompt_for, render, shape_mask)
+from emf_dist.scenes.generator import (
+    COLORS,
+    NUMBER_WORDS,
+    SHAPES,
+    TASKS,
+    TEMPLATES,
+    SceneConfig,
+    iter_scenes,
+    make_scene,
+    prompt_for,
+    render,
+    shape_mask,
+)
 
 N_SCENES = 600
 

@@ -9,7 +9,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from emf_dist.shard_loader import BatchIterator, DecodedShardCache, StreamSpec, _load_npy
+from emf_dist.train.shard_loader import BatchIterator, DecodedShardCache, StreamSpec, _load_npy
 
 
 def npy_bytes(array: np.ndarray, version=None, allow_pickle=False) -> bytes:

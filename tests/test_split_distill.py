@@ -9,7 +9,7 @@ import torch
 from emf_dist.model import VelocityNet
 from emf_dist.samplers import sample
 from emf_dist.split_distill import SplitDistillConfig, SplitDistillLoss
-from tests.helpers import randomised, random_text, tiny_config
+from tests.helpers import random_text, randomised, tiny_config
 
 
 def _nets(seed=0, dtype=torch.float64):

@@ -10,12 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from emf_dist.text_encoder import (
-    TextEncoder,
-    TextEncoderConfig,
-    check_fingerprint,
-    resolve_encoder_path,
-)
+from emf_dist.text_encoder import TextEncoder, TextEncoderConfig, check_fingerprint, resolve_encoder_path
 
 PACKAGED = resolve_encoder_path("minilm")
 CAPTIONS = ["a red circle", "a photo of a small brown dog running on a sandy beach at sunset", ""]

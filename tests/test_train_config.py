@@ -5,13 +5,13 @@ from dataclasses import replace
 
 import pytest
 
-from emf_dist.cli import main
+from emf_app.cli import main
 from emf_dist.config import ConfigError, from_dict
-from emf_dist.engine import deepspeed_config
 from emf_dist.manifest import ImageSpec, Manifest, ShardEntry
 from emf_dist.text_encoder import TextEncoder, TextEncoderConfig
-from emf_dist.train import check_data
-from emf_dist.train_config import TrainConfig
+from emf_dist.train.config import TrainConfig
+from emf_dist.train.driver import check_data
+from emf_dist.train.engine import deepspeed_config
 
 
 def write_manifest(folder, encoder_fingerprint: dict, tokens=(8, 384), image=(3, 32, 32)) -> str:
@@ -96,7 +96,7 @@ def test_learning_rate_schedule_warms_up_then_decays():
 def test_a_run_from_the_wrong_kind_of_export_is_refused_on_the_driver(tmp_path, mode, export_embedding, message):
     from emf_dist.export import ExportInfo, SamplingInfo, export_model
     from emf_dist.model import ModelConfig, VelocityNet
-    from emf_dist.train import resolve_model
+    from emf_dist.train.driver import resolve_model
     model_cfg = ModelConfig(input_size=8, patch_size=2, width=32, depth=1, heads=2, text_dim=384,
                             time_embedding=export_embedding)
     info = ExportInfo(model=model_cfg, text_encoder=TextEncoderConfig(max_length=8), encoder_fingerprint={},

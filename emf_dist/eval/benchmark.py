@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm.auto import tqdm
 
-from data_prep.scenes import TASKS, Scene, SceneConfig, make_scene
-from emf_dist.eval.detector import DetectorConfig, calibrate, detect, evaluate, metadata_of
 from emf_dist.eval.sampling import SamplerSpec, fixed_noise, generate
 from emf_dist.export import ExportInfo
 from emf_dist.model import VelocityNet
+from emf_dist.scenes.detector import DetectorConfig, calibrate, detect, evaluate, metadata_of
+from emf_dist.scenes.generator import TASKS, Scene, SceneConfig, make_scene
 from emf_dist.text_encoder import TextEncoder
 
 

@@ -44,8 +44,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data_prep.scenes import NUMBER_WORDS, TASKS, TEMPLATES, SceneConfig, make_scene, prompt_for
 from emf_dist.eval.baselines import HashedBagOfWords, RandomInitEncoder
+from emf_dist.scenes.generator import NUMBER_WORDS, TASKS, TEMPLATES, SceneConfig, make_scene, prompt_for
 from emf_dist.text_encoder import EncodedText, TextEncoder, TextEncoderConfig
 
 BASELINES = ("hashed_bow", "random_init")

@@ -37,10 +37,10 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from emf_dist.eval.benchmark import BenchmarkConfig, prompt_set
-from emf_dist.eval.detector import DetectorConfig, known_classes, score
 from emf_dist.eval.sampling import SamplerSpec, fixed_noise, generate
 from emf_dist.export import load_model
 from emf_dist.generate import load_encoder_for, save_png
+from emf_dist.scenes.detector import DetectorConfig, known_classes, score
 
 
 def scene_geneval_metadata(cfg: BenchmarkConfig, resolution: int) -> list[dict]:

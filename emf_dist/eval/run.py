@@ -10,13 +10,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from data_prep.scenes import iter_scenes
 from emf_dist.eval.benchmark import BenchmarkConfig, BenchmarkResult, run_benchmark
 from emf_dist.eval.encoders import EncoderEvalConfig, encoder_table, evaluate_encoders
 from emf_dist.eval.frechet import FrechetConfig, frechet_between
 from emf_dist.eval.report import write_report
 from emf_dist.export import load_model
 from emf_dist.generate import load_encoder_for
+from emf_dist.scenes.generator import iter_scenes
 
 NO_BACKBONE = ("Not computed: no vision backbone was given. No pretrained vision model ships in a PyPI package this "
                "project can install offline, so there is no default; pass a local transformers vision model with "

@@ -45,7 +45,7 @@ def _add_demo(subparsers) -> None:
 
 
 def _run_demo(args) -> int:
-    from emf_dist.demo import run_demo
+    from emf_app.demo import run_demo
     from pipelines.run import PipelineFailed
 
     try:
@@ -93,15 +93,15 @@ def _add_train(subparsers) -> None:
                                           "one DeepSpeed ZeRO engine per worker. Rerunning with the same name resumes "
                                           "from the latest checkpoint. The EMA weights are exported to "
                                           "<storage_path>/<name>/export at the end.")
-    add_config_argument(p, "emf_dist/train_config.py: TrainConfig",
+    add_config_argument(p, "emf_dist/train/config.py: TrainConfig",
                         "data.url=s3://bucket/scenes zero.stage=3 scaling.num_workers=8")
     p.set_defaults(run=_run_train)
 
 
 def _run_train(args) -> int:
     from emf_dist.config import parse_cli
-    from emf_dist.train import train
-    from emf_dist.train_config import TrainConfig
+    from emf_dist.train.config import TrainConfig
+    from emf_dist.train.driver import train
 
     result = train(parse_cli(TrainConfig, args.config))
     print(f"trained {result.metrics.get('step')} steps; last checkpoint {result.checkpoint}; "

@@ -3,7 +3,7 @@
     model (plain PyTorch) -> DeepSpeed engine -> MeanFlow step from emf_dist.meanflow (or the
     one-step distillation step from emf_dist.split_distill), unchanged:
     the JVP pass runs on engine.module (forward-mode AD does not run through the engine), the
-    gradient pass through the engine, which reduces gradients across ranks (FINDINGS.md #11).
+    gradient pass through the engine, which reduces gradients across ranks (docs/findings.md §11).
 
 Checkpoints hold everything a bit-exact continuation needs (engine, EMA, the sampling RNG,
 the data position), and every rank reports the same number of times (ray.train.report is a
@@ -21,17 +21,14 @@ import torch
 import torch.distributed as dist
 
 from emf_dist import storage
-from emf_dist.checkpoint import load_checkpoint, save_checkpoint
 from emf_dist.config import from_dict
 from emf_dist.ema import EMA
-from emf_dist.engine import build_engine
-from emf_dist.manifest import read_manifest
-from emf_dist.meanflow import MeanFlowLoss
 from emf_dist.model import VelocityNet
-from emf_dist.run_logger import RunLogger
-from emf_dist.shard_loader import BatchIterator, stream_spec
-from emf_dist.split_distill import SplitDistillLoss
-from emf_dist.train_config import TrainConfig
+from emf_dist.train.checkpoint import load_checkpoint, save_checkpoint
+from emf_dist.train.config import TrainConfig
+from emf_dist.train.engine import build_engine
+from emf_dist.train.run_logger import RunLogger
+from emf_dist.train.setup import build_batches, build_model, build_objective, build_teacher, objective_generator
 
 
 class TooManyBadSteps(RuntimeError):
@@ -42,45 +39,9 @@ def load_parent(cfg: TrainConfig) -> VelocityNet:
     """The export a run starts from (cfg.init_from, a local folder or s3:// URL): meanflow_finetune's
     flow-matching parent, meanflow_distill's MeanFlow model."""
     from emf_dist.export import load_model
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = cfg.init_from
-        if storage.is_remote(folder):
-            fs, path = storage.filesystem(folder)
-            fs.get(path, tmp, recursive=True)
-            folder = tmp
+    with storage.local_folder(cfg.init_from) as folder:
         parent, _ = load_model(folder)
     return parent
-
-
-def build_model(cfg: TrainConfig, parent: VelocityNet | None) -> VelocityNet:
-    """From scratch (seeded alike on every rank), EMF's conversion of the exported FM parent, or (distillation)
-    a copy of the exported MeanFlow model, every parameter trainable."""
-    torch.manual_seed(cfg.seed)
-    if cfg.mode == "meanflow_distill":
-        model = VelocityNet(cfg.model)
-        model.load_state_dict(parent.state_dict())
-        return model
-    if cfg.mode != "meanflow_finetune":
-        return VelocityNet(cfg.model)
-    from emf_dist.convert import freeze_for_emf_finetune, meanflow_from_flow_matching
-    model = meanflow_from_flow_matching(parent.cfg, parent.state_dict())
-    model.cfg.checkpointing = cfg.model.checkpointing
-    freeze_for_emf_finetune(model)
-    return model
-
-
-def build_teacher(cfg: TrainConfig, parent: VelocityNet | None, device) -> VelocityNet | None:
-    """The frozen parent that supplies v under ``objective.velocity: teacher``, or distillation's k-step
-    samples (no optimizer, no ZeRO: it is only ever run forward, in every rank, so each keeps a full copy)."""
-    if cfg.mode != "meanflow_distill" and cfg.objective.velocity != "teacher":
-        return None
-    return parent.to(device).eval().requires_grad_(False)
-
-
-def build_objective(cfg: TrainConfig, teacher: VelocityNet | None) -> MeanFlowLoss | SplitDistillLoss:
-    if cfg.mode == "meanflow_distill":
-        return SplitDistillLoss(cfg.distill, teacher)
-    return MeanFlowLoss(cfg.objective, teacher=teacher)
 
 
 def _gathered(engine):
@@ -134,12 +95,12 @@ class Trainer:
         self.ema = EMA(model, cfg.ema_decay)  # before ZeRO-3 partitions the parameters
         self.engine = build_engine(model.to(self.device), cfg, self.world, self.on_gpu)
         self.objective = build_objective(cfg, build_teacher(cfg, parent, self.device))
-        self.generator = torch.Generator(self.device).manual_seed(cfg.seed * 1000 + self.rank)
+        self.generator = objective_generator(cfg, self.rank, self.device)
         self.grad_norm = 0.0  # of the last optimizer step; ZeRO-0 only (stages >= 1 keep their own)
         self.state = {"step": 0, "data": {"epoch": 0, "taken": 0}, "skipped_samples": 0, "bad_steps": 0,
                       "attempts": 0}
         self._restore()
-        self.batches = self._batches()
+        self.batches = build_batches(cfg, self.rank, self.world, **self.state["data"])
         self.logger = RunLogger(cfg, self.rank, sample_text, resumed_at=self.state["step"])
 
     def _restore(self) -> None:
@@ -151,15 +112,6 @@ class Trainer:
             self.state = load_checkpoint(folder, self.engine, self.ema, self.rank, self.generator)
         if self.rank == 0:
             print(f"resumed from step {self.state['step']}", flush=True)
-
-    def _batches(self) -> BatchIterator:
-        cfg = self.cfg
-        options = storage.storage_options(cfg.data.url)
-        manifest = read_manifest(cfg.data.url, options)
-        spec = stream_spec(manifest, cfg.data.url, micro_batch=cfg.micro_batch, world_size=self.world,
-                           rank=self.rank, samples_per_epoch=cfg.data.samples_per_epoch,
-                           shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.seed, storage_options=options)
-        return BatchIterator(spec, cfg.data.loader_workers, **self.state["data"], cache_mib=cfg.data.cache_mib)
 
     def _micro_step(self, progress: float) -> tuple[float, float] | None:
         """Forward + backward of one micro-batch; None (and no backward) if any rank's loss is bad."""
@@ -208,6 +160,7 @@ class Trainer:
 
     def _checkpoint(self, metrics: dict) -> None:
         import ray.train
+
         from emf_dist.config import to_dict
         self.state["data"] = self.batches.position()
         self.state["skipped_samples"] = self.batches.skipped
@@ -248,7 +201,7 @@ class Trainer:
         self.logger.finish()
 
     def _check_ranks_agree(self) -> float:
-        """All ranks must hold the same weights (FINDINGS.md #5: some gloo paths silently skip the
+        """All ranks must hold the same weights (docs/findings.md §5: some gloo paths silently skip the
         all-reduce). Compares a float64 fingerprint of the parameters across ranks; raises on a split."""
         with _gathered(self.engine):
             fingerprint = torch.stack([
@@ -261,7 +214,7 @@ class Trainer:
         if spread != 0.0:
             raise RuntimeError(f"ranks hold different parameters after step {self.state['step']} (max fingerprint "
                                f"difference {spread:.3e}): the gradient all-reduce did not happen; check the ZeRO "
-                               "options (zero.contiguous_gradients / reduce_scatter, FINDINGS.md #5)")
+                               "options (zero.contiguous_gradients / reduce_scatter, docs/findings.md §5)")
         return spread
 
     def _last_step(self) -> int:

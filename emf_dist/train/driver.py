@@ -3,20 +3,19 @@
 Before any worker starts: the config is typed and validated (emf_dist.config), the dataset's
 manifest is read and its shapes are checked against the model, and the encoder named in the
 config is fingerprinted and compared with the one that encoded the shards. Then Ray Train
-runs emf_dist.train_worker on every rank; at the end the EMA weights of the last checkpoint
+runs emf_dist.train.worker on every rank; at the end the EMA weights of the last checkpoint
 are exported (safetensors + emf_model.json) to ``<storage>/<name>/export``.
 """
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass, replace
 
 from emf_dist import storage
 from emf_dist.config import to_dict
 from emf_dist.manifest import Manifest, check_compatible, read_manifest
 from emf_dist.text_encoder import TextEncoder, check_fingerprint
-from emf_dist.train_config import TrainConfig
+from emf_dist.train.config import TrainConfig
 
 
 @dataclass
@@ -31,13 +30,8 @@ def resolve_model(cfg: TrainConfig) -> TrainConfig:
     the dual time embedding, distillation keeps a MeanFlow model's as it is."""
     if not cfg.starts_from_export:
         return cfg
-    from emf_dist.export import read_export_info
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = cfg.init_from
-        if storage.is_remote(folder):
-            fs, path = storage.filesystem(folder)
-            fs.get(f"{path.rstrip('/')}/emf_model.json", os.path.join(tmp, "emf_model.json"))
-            folder = tmp
+    from emf_dist.export import INFO_FILE, read_export_info
+    with storage.local_folder(cfg.init_from, only=(INFO_FILE,)) as folder:
         parent = read_export_info(folder).model
     if cfg.mode == "meanflow_finetune" and parent.time_embedding != "single":
         raise ValueError(f"init_from {cfg.init_from} is already a MeanFlow model (dual time embedding); "
@@ -72,7 +66,7 @@ def _trainer(cfg: TrainConfig, sample_text: dict | None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from emf_dist.train_worker import train_worker
+    from emf_dist.train.worker import train_worker
     resources = {"CPU": cfg.scaling.cpus_per_worker}
     if cfg.scaling.use_gpu:
         resources["GPU"] = cfg.scaling.gpus_per_worker
@@ -96,10 +90,10 @@ def _trainer(cfg: TrainConfig, sample_text: dict | None):
 
 def export_checkpoint(cfg: TrainConfig, encoder: TextEncoder, checkpoint, manifest: Manifest) -> str:
     """EMA weights of ``checkpoint`` -> an export folder in the run's storage."""
-    from emf_dist.checkpoint import load_ema
     from emf_dist.ema import EMA
     from emf_dist.export import ExportInfo, SamplingInfo, export_model
     from emf_dist.model import VelocityNet
+    from emf_dist.train.checkpoint import load_ema
     model = VelocityNet(cfg.model)
     ema = EMA(model, cfg.ema_decay)
     with checkpoint.as_directory() as folder:
@@ -111,12 +105,8 @@ def export_checkpoint(cfg: TrainConfig, encoder: TextEncoder, checkpoint, manife
                       training={"run": cfg.name, "steps": cfg.steps, "mode": cfg.mode, "data": cfg.data.url,
                                 "manifest_version": manifest.version})
     target = storage.join(cfg.storage_path, cfg.name, "export")
-    if not storage.is_remote(target):
-        return export_model(model, info, target)
-    with tempfile.TemporaryDirectory() as tmp:
-        export_model(model, info, os.path.join(tmp, "export"))
-        fs, path = storage.filesystem(target)
-        fs.put(os.path.join(tmp, "export"), path.rstrip("/"), recursive=True)
+    with storage.output_folder(target) as out:
+        export_model(model, info, out)
     return target
 
 

@@ -17,7 +17,7 @@ import torch
 from emf_dist import storage
 from emf_dist.generate import image_grid, to_uint8
 from emf_dist.samplers import sample
-from emf_dist.train_config import TrainConfig
+from emf_dist.train.config import TrainConfig
 
 
 def wandb_mode(setting: str) -> str:
@@ -33,6 +33,7 @@ class RunLogger:
         self.wandb = None
         if rank == 0 and wandb_mode(cfg.logging.wandb) != "disabled":
             import wandb
+
             from emf_dist.config import to_dict
             self.wandb = wandb.init(project=cfg.logging.wandb_project, name=cfg.name, id=cfg.name, resume="allow",
                                     mode=wandb_mode(cfg.logging.wandb), config=to_dict(cfg),

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from data_prep.scenes import COLORS, SHAPES, Scene
+from emf_dist.scenes.generator import COLORS, SHAPES, Scene
 
 BACKGROUND = "background"
 PALETTE_NAMES = (BACKGROUND,) + tuple(COLORS)

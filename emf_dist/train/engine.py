@@ -4,24 +4,24 @@ The model and the loss stay plain PyTorch; this file only wraps them: ZeRO stage
 accumulation, clipping, AdamW and the learning-rate schedule. Weights stay float32 inside
 DeepSpeed; on GPU the worker runs the gradient pass under bf16 autocast instead of DeepSpeed's
 bf16 mode, so the JVP pass can run in float32 on the same weights without copying the model
-(FINDINGS.md #12). The optimizer and scheduler are torch objects handed to DeepSpeed, so the same
+(docs/findings.md §12). The optimizer and scheduler are torch objects handed to DeepSpeed, so the same
 config runs on CPU (gloo) and GPU (NCCL) without DeepSpeed's CUDA-only fused optimizers.
 """
 from __future__ import annotations
 
 import os
 
-import torch
 import torch.nn as nn
 
-from emf_dist.train_config import TrainConfig
+from emf_dist.train.config import TrainConfig
+from emf_dist.train.setup import build_optimizer
 
 
 def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
     zero = {"stage": cfg.zero.stage, "overlap_comm": cfg.zero.overlap_comm,
             "contiguous_gradients": cfg.zero.contiguous_gradients, "reduce_scatter": cfg.zero.reduce_scatter}
     if cfg.zero.stage == 3:
-        # Its custom linear Function has no forward-mode rule; plain F.linear does (FINDINGS.md #4).
+        # Its custom linear Function has no forward-mode rule; plain F.linear does (docs/findings.md §4).
         zero["memory_efficient_linear"] = False
     return {
         "train_micro_batch_size_per_gpu": cfg.micro_batch,
@@ -53,14 +53,11 @@ def build_engine(model: nn.Module, cfg: TrainConfig, world_size: int, on_gpu: bo
         _skip_shared_memory_comm_build()
     import deepspeed
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
-                                  weight_decay=cfg.optim.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: cfg.optim.lr_factor(step, cfg.steps))
+    params, optimizer, schedule = build_optimizer(model, cfg.optim, cfg.steps)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, optimizer=optimizer,
                                            lr_scheduler=schedule, config=deepspeed_config(cfg, world_size),
                                            dist_init_required=False)
     if cfg.zero.stage == 3 and cfg.objective.mode != "flow_matching" and cfg.objective.jvp == "forward_ad":
-        from emf_dist.zero3_forward_ad import enable_forward_ad
+        from emf_dist.train.zero3_forward_ad import enable_forward_ad
         enable_forward_ad(engine.module)
     return engine

@@ -4,7 +4,7 @@ ZeRO-3 wraps every submodule's inputs and outputs in two autograd Functions,
 ``PreBackwardFunctionForModule`` and ``PostBackwardFunctionModule``
 (deepspeed/runtime/zero/parameter_offload.py), that exist only to trigger parameter
 gathering and gradient reduction in the *backward* pass. They have no ``jvp``, so a
-forward-mode pass through a ZeRO-3 model raises ``NotImplementedError`` (FINDINGS.md #4).
+forward-mode pass through a ZeRO-3 model raises ``NotImplementedError`` (docs/findings.md §4).
 
 Their forward is ``x.detach()`` - the identity on values - so the exact tangent rule is the
 identity as well: ``jvp(ctx, dx) = dx``. DeepSpeed creates these classes per module inside
@@ -12,8 +12,8 @@ identity as well: ``jvp(ctx, dx) = dx``. DeepSpeed creates these classes per mod
 rule is attached to each class after initialisation. ZeRO-3's memory-efficient linear has
 the same gap and is turned off in the engine config (``memory_efficient_linear: false``).
 
-Tested against the DeepSpeed release pinned in pyproject.toml (tests/test_train_zero3.py
-compares ZeRO-3 with ZeRO-0 on the MeanFlow step). A different release that changed these
+Tested against the DeepSpeed release pinned in pyproject.toml (tests/test_train_distributed.py,
+test_zero3_meanflow_step_matches_zero0, compares ZeRO-3 with ZeRO-0 on the MeanFlow step). A different release that changed these
 internals is refused with a clear error rather than silently trained without the JVP.
 """
 from __future__ import annotations

@@ -1,0 +1,1 @@
+"""The application: the `emf` command line (cli.py) and the demo (demo.py), on top of every layer."""
