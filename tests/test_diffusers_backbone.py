@@ -26,8 +26,16 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 FAMILY_NAMES = list(FAMILIES)
 
 
-def load(tmp_path, family, dtype=torch.float64, **kwargs):
-    return load_diffusers_backbone(write_pipeline(tmp_path / family, family), dtype=dtype, **kwargs)
+# The larger releases' options on the tiny configs: SANA 1.5's and SD3.5's q/k norms, SD3.5's
+# second (image-only) attention.
+VARIANTS = {"sana": ("sana", {}), "sd3": ("sd3", {}),
+            "sana-qk-norm": ("sana", dict(qk_norm="rms_norm_across_heads")),
+            "sd3.5": ("sd3", dict(qk_norm="rms_norm", dual_attention_layers=(0,)))}
+
+
+def load(tmp_path, family, dtype=torch.float64, overrides=None, **kwargs):
+    folder = write_pipeline(tmp_path / family, family, **(overrides or {}))
+    return load_diffusers_backbone(folder, dtype=dtype, **kwargs)
 
 
 def original(tmp_path, family, dtype=torch.float64):
@@ -39,9 +47,10 @@ def original(tmp_path, family, dtype=torch.float64):
 
 # --- conversion: step 0 equals the original, the interval path is live ---------------------------
 
-@pytest.mark.parametrize("family", FAMILY_NAMES)
-def test_converted_backbone_equals_the_original_diffusers_model(tmp_path, family):
-    net = load(tmp_path, family)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_converted_backbone_equals_the_original_diffusers_model(tmp_path, variant):
+    family, overrides = VARIANTS[variant]
+    net = load(tmp_path, family, overrides=overrides)
     reference = original(tmp_path, family)
     assert net.cfg.time_embedding == "dual" and net.cfg.family == family
     z, r, t, tokens, mask, pooled = inputs()
@@ -90,9 +99,10 @@ def test_jvp_matches_float64_central_difference(tmp_path, family):
     torch.testing.assert_close(jvp, fd, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("family", FAMILY_NAMES)
-def test_jvp_processors_match_forward_ad_through_math_attention(tmp_path, family):
-    net = load(tmp_path, family)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_jvp_processors_match_forward_ad_through_math_attention(tmp_path, variant):
+    family, overrides = VARIANTS[variant]
+    net = load(tmp_path, family, overrides=overrides)
     installed = set(net.processors.values())
     assert installed >= {JvpSanaAttnProcessor.__name__ if family == "sana" else JvpJointAttnProcessor.__name__}
     reference = original(tmp_path, family)  # diffusers' own processors
@@ -134,8 +144,9 @@ def test_sd3_masks_padded_text_only_when_asked(tmp_path):
     z, r, t, tokens, mask, pooled = inputs()
     padded_changed = torch.where(mask[..., None], tokens, tokens + 1.0)
     for use_mask, should_change in ((False, True), (True, False)):
-        net = load_diffusers_backbone(write_pipeline(tmp_path / f"sd3_{use_mask}", "sd3"), dtype=torch.float64,
-                                      use_text_mask=use_mask)
+        # SD3.5's image-only attention gets the mask through joint_attention_kwargs too and must ignore it.
+        folder = write_pipeline(tmp_path / f"sd3_{use_mask}", "sd3", **VARIANTS["sd3.5"][1])
+        net = load_diffusers_backbone(folder, dtype=torch.float64, use_text_mask=use_mask)
         with torch.no_grad():
             change = (net(z, r, t, tokens, mask, pooled) - net(z, r, t, padded_changed, mask, pooled)).abs().max()
         assert (change > 1e-6) == should_change, (use_mask, change)
