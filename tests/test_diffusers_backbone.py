@@ -42,7 +42,8 @@ def original(tmp_path, family, dtype=torch.float64):
     """The untouched diffusers model of the folder ``load`` wrote."""
     import diffusers
 
-    return getattr(diffusers, FAMILIES[family][0]).from_pretrained(tmp_path / family / "transformer", torch_dtype=dtype).to(dtype)
+    model_class = getattr(diffusers, FAMILIES[family][0])
+    return model_class.from_pretrained(tmp_path / family / "transformer", torch_dtype=dtype).to(dtype)
 
 
 # --- conversion: step 0 equals the original, the interval path is live ---------------------------
@@ -75,12 +76,18 @@ def test_interval_embedding_changes_the_output_once_trained(tmp_path, family):
 
 
 def test_pipeline_can_still_call_the_converted_transformer(tmp_path):
-    """A [B] timestep means r = t: the converted transformer keeps diffusers' call signature."""
+    """A [B] timestep means r = t: the converted transformer keeps diffusers' call signature, and a
+    backbone wrapped around it again sees the dual embedding."""
     net = randomised(load(tmp_path, "sana"))
-    z, _, t, tokens, mask, pooled = inputs()
+    z, r, t, tokens, mask, pooled = inputs()
     with torch.no_grad():
         direct = call_original(net.transformer, "sana", z, t, tokens, mask, pooled)
         torch.testing.assert_close(direct, net(z, t, t, tokens, mask, pooled), rtol=1e-12, atol=1e-12)
+        again = DiffusersBackbone(net.transformer, net.family, net.time)
+        assert again.cfg.time_embedding == "dual"
+        torch.testing.assert_close(again(z, r, t, tokens, mask, pooled), net(z, r, t, tokens, mask, pooled))
+    with pytest.raises(ValueError, match="already"):
+        convert_to_meanflow(again)
 
 
 # --- the JVP pass ----------------------------------------------------------------------------------
@@ -201,7 +208,8 @@ def test_bare_transformer_folder_uses_the_documented_default(tmp_path):
 def test_unsupported_transformer_class_names_the_supported_ones(tmp_path):
     folder = tmp_path / "unet"
     folder.mkdir()
-    (folder / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel", "_diffusers_version": "0.42.1"}))
+    unet = {"_class_name": "UNet2DConditionModel", "_diffusers_version": "0.42.1"}
+    (folder / "config.json").write_text(json.dumps(unet))
     with pytest.raises(ValueError, match="UNet2DConditionModel.*SanaTransformer2DModel, SD3Transformer2DModel"):
         load_diffusers_backbone(folder)
     (tmp_path / "pipe").mkdir()

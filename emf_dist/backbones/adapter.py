@@ -56,7 +56,10 @@ class DiffusersBackbone(nn.Module):
             family=family.name, class_name=family.class_name, input_size=config["sample_size"],
             in_channels=config["in_channels"], patch_size=config["patch_size"], text_dim=family.text_dim(config),
             pooled_dim=family.pooled_dim(config),
-            use_text_mask=family.uses_text_mask if use_text_mask is None else use_text_mask)
+            use_text_mask=family.uses_text_mask if use_text_mask is None else use_text_mask,
+            # A transformer converted before (a copy of a converted backbone's) keeps its dual embedding.
+            time_embedding="dual" if hasattr(getattr(transformer, family.time_embedding_attr), "interval_embedder")
+            else "single")
         self.processors = install_jvp_processors(transformer)
         # The null condition (CFG's unconditional input): one zero token, the only key kept, and a
         # zero pooled vector until ``set_null_text`` gives the family's encoding of "".
@@ -67,6 +70,8 @@ class DiffusersBackbone(nn.Module):
     def forward(self, z, r, t, text_tokens, text_mask, text_pooled, drop_text=None):
         # Text is stored in float16; compute it in the input's precision (float32 in the JVP pass).
         tokens = text_tokens.to(z.dtype)
+        if text_mask is None:  # every token real
+            text_mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
         pooled = None if text_pooled is None or not self.cfg.pooled_dim else text_pooled.to(z.dtype)
         if drop_text is not None:
             tokens, text_mask, pooled = self.drop_text(tokens, text_mask, pooled, drop_text)

@@ -78,7 +78,7 @@ class JvpJointAttnProcessor:
             raise ValueError("SD3's joint attention takes no attention_mask; pass text_mask [B, L] bool instead")
         batch, image_tokens = hidden_states.shape[:2]
         split = lambda x: _heads(x, batch, attn.heads)  # noqa: E731
-        query, key, value = split(attn.to_q(hidden_states)), split(attn.to_k(hidden_states)), split(attn.to_v(hidden_states))
+        query, key, value = (split(proj(hidden_states)) for proj in (attn.to_q, attn.to_k, attn.to_v))
         # SD3 normalises per head, after the split.
         if attn.norm_q is not None:
             query = attn.norm_q(query)

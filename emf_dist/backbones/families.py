@@ -60,7 +60,8 @@ class Sana(Family):
         from diffusers.models.normalization import AdaLayerNormSingle
 
         if not isinstance(time_embedding, AdaLayerNormSingle):
-            raise ValueError(f"expected SANA's time_embed to be an AdaLayerNormSingle, got {type(time_embedding).__name__}")
+            raise ValueError("expected SANA's time_embed to be an AdaLayerNormSingle, "
+                             f"got {type(time_embedding).__name__}")
         return DualAdaLayerNormSingle(time_embedding)
 
     def call(self, transformer, z, timestep, tokens, mask, pooled):

@@ -43,7 +43,8 @@ class FlowTimeConvention:
     timestep_scale: float = 1.0
     shift: float = 1.0  # the scheduler's static shift (sampling only, see the module docstring)
     dynamic_shifting: bool = False  # the shift depends on the image size (sampling only)
-    source: str = f"default: no scheduler config, diffusers' flow-matching num_train_timesteps={DEFAULT_NUM_TRAIN_TIMESTEPS}"
+    source: str = ("default: no scheduler config, diffusers' flow-matching "
+                   f"num_train_timesteps={DEFAULT_NUM_TRAIN_TIMESTEPS}")
 
     def model_timestep(self, t: torch.Tensor) -> torch.Tensor:
         """The transformer's ``timestep`` input for our time t (= sigma), or for an interval t - r."""
