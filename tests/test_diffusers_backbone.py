@@ -75,6 +75,16 @@ def test_interval_embedding_changes_the_output_once_trained(tmp_path, family):
     assert (short - long).abs().mean() > 1e-3
 
 
+def test_sana_interval_feeds_the_block_modulation_and_the_final_table(tmp_path):
+    """AdaLayerNormSingle returns (blocks' 6 x dim modulation, embedded timestep for scale_shift_table):
+    the interval reaches both."""
+    time_embed = randomised(load(tmp_path, "sana")).transformer.time_embed
+    timestep = torch.tensor([500.0, 500.0], dtype=torch.float64)
+    interval = torch.tensor([0.0, 300.0], dtype=torch.float64)
+    modulation, embedded = time_embed(torch.stack([timestep, interval], -1), batch_size=2, hidden_dtype=torch.float64)
+    assert (modulation[0] - modulation[1]).abs().max() > 1e-3 and (embedded[0] - embedded[1]).abs().max() > 1e-3
+
+
 def test_pipeline_can_still_call_the_converted_transformer(tmp_path):
     """A [B] timestep means r = t: the converted transformer keeps diffusers' call signature, and a
     backbone wrapped around it again sees the dual embedding."""
