@@ -17,8 +17,8 @@ Velocity source. MeanFlow regresses on the conditional velocity v = e - x of one
 fine-tuning from a flow-matching parent can instead take the parent's prediction of the
 (marginal) velocity at (z_t, t) as v, ``velocity: teacher``. The identity and the loss are
 unchanged; the target loses the variance of e - x, which is what long intervals (one-step
-sampling) are slowest to average out (docs/benchmarks.md: 1-step accuracy 0.33 -> 0.45 after
-the same 800 fine-tuning steps). It costs one no-grad forward of the parent per step.
+sampling) are slowest to average out (its effect on 1-step quality: docs/benchmarks.md). It
+costs one no-grad forward of the parent per step.
 
 Classifier-free guidance: text is dropped to the model's null condition at rate
 ``text_drop``; with guidance folded into training (MeanFlow's recipe) the velocity becomes

@@ -14,9 +14,8 @@ model (the teacher) samples in k steps and the student's 1-step query regresses 
 
 Only captions are needed (the images of the batch are not used). Every row is the 1-step
 query; the other intervals are not trained. A fixed teacher saturates, so training runs in
-rounds, each round's result the next round's teacher (docs/benchmarks.md: on the demo recipe
-three rounds take 1 step from 0.75x to 0.87-0.90x its 4 steps; with long rounds 2 and 4 steps
-improve too, with short ones they stay where the fine-tune left them).
+rounds, each round's result the next round's teacher (what rounds do to 1, 2 and 4 steps on the
+demo recipe: docs/benchmarks.md).
 """
 
 from __future__ import annotations
