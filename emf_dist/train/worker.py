@@ -27,6 +27,7 @@ from emf_dist.model import VelocityNet
 from emf_dist.train.checkpoint import load_checkpoint, save_checkpoint
 from emf_dist.train.config import TrainConfig
 from emf_dist.train.engine import build_engine
+from emf_dist.train.faults import fault_injector
 from emf_dist.train.run_logger import RunLogger
 from emf_dist.train.setup import build_batches, build_model, build_objective, build_teacher, objective_generator
 from emf_dist.train.train_state import DataPosition, TrainState
@@ -66,20 +67,6 @@ def _mean_over_ranks(values: list[float], device) -> list[float]:
     return (tensor / dist.get_world_size()).tolist()
 
 
-def _inject_fault(cfg: TrainConfig, rank: int, step: int) -> None:
-    """faults.kill_rank dies after faults.kill_at_step, once per run (a marker in storage)."""
-    if rank != cfg.faults.kill_rank or step != cfg.faults.kill_at_step:
-        return
-    marker = storage.join(cfg.storage_path, cfg.name, f".fault_injected_rank{rank}")
-    fs, path = storage.filesystem(marker)
-    if fs.exists(path):
-        return
-    fs.makedirs(os.path.dirname(path), exist_ok=True)
-    fs.pipe(path, b"killed")
-    print(f"[fault injection] rank {rank} exits after step {step}", flush=True)
-    os._exit(1)
-
-
 class Trainer:
     """One rank's state; ``run`` trains until cfg.steps optimizer steps are done."""
 
@@ -98,6 +85,7 @@ class Trainer:
         self.objective = build_objective(cfg, build_teacher(cfg, parent, self.device))
         self.generator = objective_generator(cfg, self.rank, self.device)
         self.grad_norm = 0.0  # of the last optimizer step; ZeRO-0 only (stages >= 1 keep their own)
+        self.faults = fault_injector(cfg, self.rank)  # None in an ordinary run
         self.state = TrainState()
         self._restore()
         self.batches = build_batches(cfg, self.rank, self.world, epoch=self.state.data.epoch,
@@ -121,7 +109,7 @@ class Trainer:
         with autocast:
             loss, stats = self.objective(self.engine, batch["image"], batch["tokens"], batch["mask"],
                                          batch["pooled"], progress, net=self.engine.module, generator=self.generator)
-        injected = self.rank == 0 and self.state.attempts in self.cfg.faults.nan_at_micro_batches
+        injected = self.faults is not None and self.faults.poisons(self.state.attempts)
         self.state.attempts += 1
         bad_here = injected or not bool(torch.isfinite(loss.detach()))
         if _any_rank(bad_here, self.device):
@@ -184,7 +172,8 @@ class Trainer:
             window["seconds"] += time.perf_counter() - start
             window["steps"] += 1
             step = self.state.step
-            _inject_fault(cfg, self.rank, step)
+            if self.faults is not None:
+                self.faults.after_step(step)
             if not self._reports_at(step):
                 continue
             due_checkpoint = step % cfg.checkpoint_every == 0 or step == self._last_step()
