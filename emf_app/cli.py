@@ -114,10 +114,10 @@ def _add_eval(subparsers) -> None:
                               description="Text-encoder selection (discriminability, disentanglement), the GenEval-style "
                                           "compositional benchmark across step counts, exports in the official GenEval "
                                           "and DPG-Bench layouts. Configs: emf_dist/eval/run.py (EvalConfig) and "
-                                          "emf_dist/eval/encoders.py (EncoderEvalConfig).")
+                                          "emf_dist/eval/encoder_config.py (EncoderEvalConfig).")
     sub = p.add_subparsers(dest="eval_command", metavar="EVAL_COMMAND", required=True)
     enc = sub.add_parser("encoders", help="rank text encoders against reference baselines")
-    add_config_argument(enc, "emf_dist/eval/encoders.py: EncoderEvalConfig", "discriminability.scenes=300")
+    add_config_argument(enc, "emf_dist/eval/encoder_config.py: EncoderEvalConfig", "discriminability.scenes=300")
     enc.add_argument("--out", default="emf-eval-encoders", help="report folder")
     enc.add_argument("--device", default="cpu")
     bench = sub.add_parser("benchmark", help="compositional benchmark: MeanFlow 1-8 steps vs flow matching 1-32 steps")
@@ -148,7 +148,7 @@ def _add_eval(subparsers) -> None:
 def _run_eval(args) -> int:
     from emf_dist.config import parse_cli
     from emf_dist.eval import export_layouts as layouts
-    from emf_dist.eval.encoders import EncoderEvalConfig
+    from emf_dist.eval.encoder_config import EncoderEvalConfig
     from emf_dist.eval.run import EvalConfig, run_benchmark_job, run_encoder_job
 
     if args.eval_command == "encoders":

@@ -39,7 +39,7 @@ class StepContext:
 
 @dataclass
 class EncoderEvalStepConfig:
-    eval: dict[str, Any] = field(default_factory=dict)  # EncoderEvalConfig fields (emf_dist/eval/encoders.py)
+    eval: dict[str, Any] = field(default_factory=dict)  # EncoderEvalConfig fields (emf_dist/eval/encoder_config.py)
     device: str = "cpu"
     out: str = ""                   # report folder (default: the step's folder)
     # EMF chooses the encoder before any fine-tuning: stop the pipeline when no candidate passes.
@@ -137,13 +137,13 @@ class EncoderEvalKind(Kind):
     url_outputs = ("report",)
 
     def parse(self, raw: dict):
-        from emf_dist.eval.encoders import EncoderEvalConfig
+        from emf_dist.eval.encoder_config import EncoderEvalConfig
         cfg = from_dict(EncoderEvalStepConfig, raw, validate=True)
         from_dict(EncoderEvalConfig, cfg.eval, path="eval", validate=True)  # fail at load, not after an hour
         return cfg
 
     def run(self, cfg: EncoderEvalStepConfig, ctx: StepContext) -> dict[str, Any]:
-        from emf_dist.eval.encoders import EncoderEvalConfig
+        from emf_dist.eval.encoder_config import EncoderEvalConfig
         from emf_dist.eval.run import run_encoder_job
         with storage.output_folder(cfg.out) as out:
             result = run_encoder_job(from_dict(EncoderEvalConfig, cfg.eval, path="eval", validate=True), out, cfg.device)

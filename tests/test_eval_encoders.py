@@ -8,13 +8,13 @@ import torch
 
 from emf_app.cli import main as emf
 from emf_dist.eval.baselines import HashedBagOfWords
+from emf_dist.eval.encoder_candidates import _TransformersAdapter
 from emf_dist.eval.encoders import (
     Candidate,
     DiscriminabilityConfig,
     DisentanglementConfig,
     EncoderEvalConfig,
     RetrievalSet,
-    _TransformersAdapter,
     discriminability,
     evaluate_encoders,
     reduce_prompt,

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from emf_dist.eval.benchmark import BenchmarkResult
-from emf_dist.eval.encoders import encoder_table
+from emf_dist.eval.encoder_table import encoder_table
 from emf_dist.generate import save_png
 
 _BACKGROUND = (40, 40, 40)

@@ -11,7 +11,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from emf_dist.eval.benchmark import BenchmarkConfig, BenchmarkResult, run_benchmark
-from emf_dist.eval.encoders import EncoderEvalConfig, encoder_table, evaluate_encoders
+from emf_dist.eval.encoder_config import EncoderEvalConfig
+from emf_dist.eval.encoder_table import encoder_table
+from emf_dist.eval.encoders import evaluate_encoders
 from emf_dist.eval.frechet import FrechetConfig, frechet_between
 from emf_dist.eval.report import write_report
 from emf_dist.export import load_model

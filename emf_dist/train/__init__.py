@@ -9,5 +9,7 @@
     zero3_forward_ad.py  the identity `jvp` that lets ZeRO-3's hooks run under forward-mode AD
     shard_loader.py      resampled, seeded, resumable WebDataset streaming per rank
     checkpoint.py        checkpoints: DeepSpeed shards + EMA + RNG + data position, loaded with weights_only
+    train_state.py       TrainState: one rank's step, data position and counters, as checkpoints hold it
+    faults.py            fault injection (a rank that dies, NaN losses), built once and asked by the loop
     run_logger.py        progress lines, wandb, sample grids
 """

@@ -5,8 +5,8 @@ A checkpoint folder (one per reported step, in the run's storage) holds:
     latest, ds/...                 DeepSpeed's checkpoint (tag "ds"): every rank's ZeRO shard;
                                    DeepSpeed's zero_to_fp32 consolidates it as usual
     ema.safetensors                the EMA weights (rank 0)
-    state_rank<R>.safetensors      per rank: its sampling RNG state, and as metadata the step,
-                                   the data position and the fault counters (JSON)
+    state_rank<R>.safetensors      per rank: its sampling RNG state, and as metadata its
+                                   TrainState (JSON: the step, the data position, the counters)
     train_config.json              the run's config (rank 0), for people and tools
 
 DeepSpeed loads its files with ``torch.load(weights_only=False)``. ``safe_torch_load`` forces
@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from emf_dist.ema import EMA
+from emf_dist.train.train_state import TrainState
 
 DS_TAG = "ds"
 
@@ -52,12 +53,11 @@ def safe_torch_load():
             torch.load = original
 
 
-def save_checkpoint(folder: str, engine, ema: EMA | None, rank: int, state: dict, generator: torch.Generator,
-                    config: dict | None = None) -> None:
+def save_checkpoint(folder: str, engine, ema: EMA | None, rank: int, state: TrainState,
+                    generator: torch.Generator, config: dict | None = None) -> None:
     """Write this rank's part of a checkpoint into ``folder`` (a local folder per rank)."""
     engine.save_checkpoint(folder, tag=DS_TAG)
-    save_file({"generator": generator.get_state()}, os.path.join(folder, f"state_rank{rank}.safetensors"),
-              metadata={"state": json.dumps(state)})
+    save_train_state(folder, rank, state, generator)
     if rank == 0:
         if ema is not None:
             save_file({k: v.contiguous() for k, v in ema.shadow.items()}, os.path.join(folder, "ema.safetensors"),
@@ -67,23 +67,38 @@ def save_checkpoint(folder: str, engine, ema: EMA | None, rank: int, state: dict
                 json.dump(config, f, indent=1)
 
 
-def load_checkpoint(folder: str, engine, ema: EMA | None, rank: int, generator: torch.Generator) -> dict:
+def load_checkpoint(folder: str, engine, ema: EMA | None, rank: int, generator: torch.Generator) -> TrainState:
     """Restore engine, EMA and RNG from ``folder``; returns the saved state (step, data position, ...)."""
-    state_file = os.path.join(folder, f"state_rank{rank}.safetensors")
-    if not os.path.exists(state_file):
+    if not os.path.exists(_state_file(folder, rank)):
         raise FileNotFoundError(f"checkpoint {folder} has no state for rank {rank}: it was written by fewer "
                                 "workers; resume with the same scaling.num_workers")
     with safe_torch_load():
         path, _ = engine.load_checkpoint(folder, tag=DS_TAG)
     if path is None:
         raise FileNotFoundError(f"DeepSpeed found no checkpoint under {folder}/{DS_TAG}")
-    tensors = load_file(state_file)
-    generator.set_state(tensors["generator"])
+    state = load_train_state(folder, rank, generator)
     if ema is not None:
         load_ema(folder, ema)
+    return state
+
+
+def _state_file(folder: str, rank: int) -> str:
+    return os.path.join(folder, f"state_rank{rank}.safetensors")
+
+
+def save_train_state(folder: str, rank: int, state: TrainState, generator: torch.Generator) -> None:
+    """The rank's RNG state as a tensor and its TrainState as JSON metadata, in one safetensors file."""
+    save_file({"generator": generator.get_state()}, _state_file(folder, rank),
+              metadata={"state": json.dumps(state.as_dict())})
+
+
+def load_train_state(folder: str, rank: int, generator: torch.Generator) -> TrainState:
+    """Restore the rank's RNG from ``save_train_state``'s file and return its TrainState."""
     from safetensors import safe_open
-    with safe_open(state_file, "pt") as f:
-        return json.loads(f.metadata()["state"])
+    path = _state_file(folder, rank)
+    generator.set_state(load_file(path)["generator"])
+    with safe_open(path, "pt") as f:
+        return TrainState.from_saved(json.loads(f.metadata()["state"]))
 
 
 def load_ema(folder: str, ema: EMA) -> None:

@@ -27,8 +27,10 @@ from emf_dist.model import VelocityNet
 from emf_dist.train.checkpoint import load_checkpoint, save_checkpoint
 from emf_dist.train.config import TrainConfig
 from emf_dist.train.engine import build_engine
+from emf_dist.train.faults import fault_injector
 from emf_dist.train.run_logger import RunLogger
 from emf_dist.train.setup import build_batches, build_model, build_objective, build_teacher, objective_generator
+from emf_dist.train.train_state import DataPosition, TrainState
 
 
 class TooManyBadSteps(RuntimeError):
@@ -65,20 +67,6 @@ def _mean_over_ranks(values: list[float], device) -> list[float]:
     return (tensor / dist.get_world_size()).tolist()
 
 
-def _inject_fault(cfg: TrainConfig, rank: int, step: int) -> None:
-    """faults.kill_rank dies after faults.kill_at_step, once per run (a marker in storage)."""
-    if rank != cfg.faults.kill_rank or step != cfg.faults.kill_at_step:
-        return
-    marker = storage.join(cfg.storage_path, cfg.name, f".fault_injected_rank{rank}")
-    fs, path = storage.filesystem(marker)
-    if fs.exists(path):
-        return
-    fs.makedirs(os.path.dirname(path), exist_ok=True)
-    fs.pipe(path, b"killed")
-    print(f"[fault injection] rank {rank} exits after step {step}", flush=True)
-    os._exit(1)
-
-
 class Trainer:
     """One rank's state; ``run`` trains until cfg.steps optimizer steps are done."""
 
@@ -97,11 +85,12 @@ class Trainer:
         self.objective = build_objective(cfg, build_teacher(cfg, parent, self.device))
         self.generator = objective_generator(cfg, self.rank, self.device)
         self.grad_norm = 0.0  # of the last optimizer step; ZeRO-0 only (stages >= 1 keep their own)
-        self.state = {"step": 0, "data": {"epoch": 0, "taken": 0}, "skipped_samples": 0, "bad_steps": 0,
-                      "attempts": 0}
+        self.faults = fault_injector(cfg, self.rank)  # None in an ordinary run
+        self.state = TrainState()
         self._restore()
-        self.batches = build_batches(cfg, self.rank, self.world, **self.state["data"])
-        self.logger = RunLogger(cfg, self.rank, sample_text, resumed_at=self.state["step"])
+        self.batches = build_batches(cfg, self.rank, self.world, epoch=self.state.data.epoch,
+                                     taken=self.state.data.taken)
+        self.logger = RunLogger(cfg, self.rank, sample_text, resumed_at=self.state.step)
 
     def _restore(self) -> None:
         import ray.train
@@ -111,7 +100,7 @@ class Trainer:
         with checkpoint.as_directory() as folder:
             self.state = load_checkpoint(folder, self.engine, self.ema, self.rank, self.generator)
         if self.rank == 0:
-            print(f"resumed from step {self.state['step']}", flush=True)
+            print(f"resumed from step {self.state.step}", flush=True)
 
     def _micro_step(self, progress: float) -> tuple[float, float] | None:
         """Forward + backward of one micro-batch; None (and no backward) if any rank's loss is bad."""
@@ -120,14 +109,14 @@ class Trainer:
         with autocast:
             loss, stats = self.objective(self.engine, batch["image"], batch["tokens"], batch["mask"],
                                          batch["pooled"], progress, net=self.engine.module, generator=self.generator)
-        injected = self.rank == 0 and self.state["attempts"] in self.cfg.faults.nan_at_micro_batches
-        self.state["attempts"] += 1
+        injected = self.faults is not None and self.faults.poisons(self.state.attempts)
+        self.state.attempts += 1
         bad_here = injected or not bool(torch.isfinite(loss.detach()))
         if _any_rank(bad_here, self.device):
             return None
         self.engine.backward(loss)
         if self.engine.zero_optimization_stage() == 0 and self.engine.is_gradient_accumulation_boundary() \
-                and self._reports_at(self.state["step"] + 1):
+                and self._reports_at(self.state.step + 1):
             # DeepSpeed records the global norm only in its ZeRO optimizers; here the gradients are
             # already all-reduced, and engine.step() is about to clip and zero them. Only the
             # steps whose metrics are reported need it.
@@ -140,13 +129,13 @@ class Trainer:
         """grad_accum good micro-batches (bad ones are replaced); returns (loss, JVP seconds)."""
         losses, jvp, bad_in_a_row = [], 0.0, 0
         while len(losses) < self.cfg.grad_accum:
-            result = self._micro_step(self.state["step"] / self.cfg.steps)
+            result = self._micro_step(self.state.step / self.cfg.steps)
             if result is None:
-                self.state["bad_steps"] += 1
+                self.state.bad_steps += 1
                 bad_in_a_row += 1
                 if bad_in_a_row >= self.cfg.faults.max_bad_steps_in_a_row:
                     raise TooManyBadSteps(
-                        f"{bad_in_a_row} non-finite losses in a row at step {self.state['step']}: stopping. "
+                        f"{bad_in_a_row} non-finite losses in a row at step {self.state.step}: stopping. "
                         f"The last good checkpoint is intact; lower optim.lr or check the data, then rerun "
                         f"with the same name to resume from it.")
                 continue
@@ -155,35 +144,36 @@ class Trainer:
             jvp += result[1]
         with _gathered(self.engine):
             self.ema.update(self.engine.module)
-        self.state["step"] += 1
+        self.state.step += 1
         return sum(losses) / len(losses), jvp
 
     def _checkpoint(self, metrics: dict) -> None:
         import ray.train
 
         from emf_dist.config import to_dict
-        self.state["data"] = self.batches.position()
-        self.state["skipped_samples"] = self.batches.skipped
+        self.state.data = DataPosition(**self.batches.position())
+        self.state.skipped_samples = self.batches.skipped
         with tempfile.TemporaryDirectory() as folder:
             save_checkpoint(folder, self.engine, self.ema, self.rank, self.state, self.generator,
                             config=to_dict(self.cfg))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
-                             checkpoint_dir_name=f"step_{self.state['step']:08d}")
+                             checkpoint_dir_name=f"step_{self.state.step:08d}")
 
     def run(self) -> None:
         import ray.train
         cfg, window = self.cfg, {"loss": 0.0, "jvp": 0.0, "seconds": 0.0, "steps": 0}
-        self.batches.skipped = self.state["skipped_samples"]
+        self.batches.skipped = self.state.skipped_samples
         self.engine.train()
-        while self.state["step"] < self._last_step():
+        while self.state.step < self._last_step():
             start = time.perf_counter()
             loss, jvp = self._optimizer_step()
             window["loss"] += loss
             window["jvp"] += jvp
             window["seconds"] += time.perf_counter() - start
             window["steps"] += 1
-            step = self.state["step"]
-            _inject_fault(cfg, self.rank, step)
+            step = self.state.step
+            if self.faults is not None:
+                self.faults.after_step(step)
             if not self._reports_at(step):
                 continue
             due_checkpoint = step % cfg.checkpoint_every == 0 or step == self._last_step()
@@ -212,7 +202,7 @@ class Trainer:
         dist.all_gather(gathered, fingerprint)
         spread = max(float((g - gathered[0]).abs().max()) for g in gathered)
         if spread != 0.0:
-            raise RuntimeError(f"ranks hold different parameters after step {self.state['step']} (max fingerprint "
+            raise RuntimeError(f"ranks hold different parameters after step {self.state.step} (max fingerprint "
                                f"difference {spread:.3e}): the gradient all-reduce did not happen; check the ZeRO "
                                "options (zero.contiguous_gradients / reduce_scatter, docs/findings.md §5)")
         return spread
@@ -234,10 +224,10 @@ class Trainer:
         loss, seconds, jvp, skipped = _mean_over_ranks(
             [window["loss"] / steps, window["seconds"], window["jvp"], float(self.batches.skipped)], self.device)
         samples = steps * self.cfg.global_batch
-        return {"step": self.state["step"], "loss": loss, "grad_norm": self._grad_norm(),
+        return {"step": self.state.step, "loss": loss, "grad_norm": self._grad_norm(),
                 "lr": self.engine.get_lr()[0], "samples_per_s": samples / max(seconds, 1e-9),
                 "jvp_share": jvp / max(seconds, 1e-9), "memory_mib": _memory_mib(self.device),
-                "skipped_samples": int(skipped * self.world), "bad_steps": self.state["bad_steps"]}
+                "skipped_samples": int(skipped * self.world), "bad_steps": self.state.bad_steps}
 
 
 def _memory_mib(device) -> float:

@@ -1,0 +1,43 @@
+"""A rank's TrainState in its checkpoint file: the JSON the old dict wrote, read back typed."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from emf_dist.config import ConfigError
+from emf_dist.train.checkpoint import load_train_state, save_train_state
+from emf_dist.train.train_state import DataPosition, TrainState
+
+# What the loop's dict of string keys wrote into state_rank<R>.safetensors before TrainState.
+OLD_STATE = {"step": 6, "data": {"epoch": 1, "taken": 3}, "skipped_samples": 2, "bad_steps": 1, "attempts": 9}
+TYPED = TrainState(step=6, data=DataPosition(epoch=1, taken=3), skipped_samples=2, bad_steps=1, attempts=9)
+
+
+def _generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def test_a_checkpoint_written_by_the_dict_loop_loads_as_train_state(tmp_path):
+    save_file({"generator": _generator(5).get_state()}, str(tmp_path / "state_rank1.safetensors"),
+              metadata={"state": json.dumps(OLD_STATE)})
+    generator = _generator(0)
+    assert load_train_state(str(tmp_path), 1, generator) == TYPED
+    assert torch.equal(generator.get_state(), _generator(5).get_state())
+
+
+def test_train_state_writes_the_same_bytes_of_metadata_as_the_dict(tmp_path):
+    save_train_state(str(tmp_path), 0, TYPED, _generator(5))
+    with safe_open(str(tmp_path / "state_rank0.safetensors"), "pt") as f:
+        assert f.metadata()["state"] == json.dumps(OLD_STATE)
+    assert load_train_state(str(tmp_path), 0, _generator(0)) == TYPED
+
+
+def test_a_fresh_state_and_a_state_with_an_unknown_key():
+    assert TrainState().as_dict() == {"step": 0, "data": {"epoch": 0, "taken": 0}, "skipped_samples": 0,
+                                      "bad_steps": 0, "attempts": 0}
+    with pytest.raises(ConfigError, match="state.stepz"):
+        TrainState.from_saved({**OLD_STATE, "stepz": 1})
