@@ -35,8 +35,8 @@ class DisentanglementConfig:
 
 @dataclass
 class SelectionConfig:
-    # On the default scenes (this machine, 2026-11): MiniLM 0.70 / 0.72, hashed bag of words 0.47 / 0.71,
-    # MiniLM's architecture randomly initialised 0.38 / 0.40 (discriminability / corrected disentanglement).
+    # The thresholds sit between the packaged MiniLM's scores and the baselines' on the default scenes
+    # (the encoder tables in docs/benchmarks.md).
     min_discriminability: float = 0.5  # retrieved image's mean similarity to the query's
     min_disentanglement: float = 0.3  # baseline-corrected pooled cosine, mean over modes and ratios
     beat_baselines: bool = True  # must also beat every reference baseline on both metrics
