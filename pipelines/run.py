@@ -149,7 +149,9 @@ def _run_step(spec: PipelineSpec, store: Store, step: StepSpec, rec: StepRecord,
 
 def _resolve(spec: PipelineSpec, store: Store, step: StepSpec, rec: StepRecord, outputs: dict[str, dict]):
     """References -> values, then the fingerprint (kind, typed config, inputs' content), then the step's
-    folder (named by the fingerprint, which is why ${step.dir} is resolved last) -> the config it runs with."""
+    folder (named by the fingerprint, which is why ${step.dir} is resolved last) -> the config it runs with,
+    as the kind resolves it (a training step's architecture from init_from): that is what the record shows.
+    The fingerprint stays on the spec's config, which with the inputs' content determines the resolved one."""
     kind = KINDS[step.kind]
     lookup = {"storage": store.url, **{f"vars.{k}": v for k, v in spec.vars.items()},
               **{f"steps.{s}.{o}": v for s, outs in outputs.items() for o, v in outs.items()}}
@@ -158,7 +160,7 @@ def _resolve(spec: PipelineSpec, store: Store, step: StepSpec, rec: StepRecord, 
     rec.inputs = {url: artifact_identity(url) for url in kind.inputs(parsed)}
     rec.fingerprint = fingerprint(step.kind, non_defaults(parsed), rec.inputs)
     rec.dir = store.url_of("steps", rec.name, *(() if kind.incremental else (rec.fingerprint[:16],)))
-    cfg = kind.parse({**kind.defaults(rec.dir, rec.name), **resolve(raw, {"step.dir": rec.dir})})
+    cfg = kind.resolved(kind.parse({**kind.defaults(rec.dir, rec.name), **resolve(raw, {"step.dir": rec.dir})}))
     rec.config = to_dict(cfg)
     return cfg
 

@@ -84,6 +84,11 @@ class Kind:
     def defaults(self, step_dir: str, name: str) -> dict:
         return {"out": step_dir}
 
+    def resolved(self, cfg) -> Any:
+        """The config as the step will run it, for the run record: what its entry point derives
+        from the config before running (nothing, for most kinds)."""
+        return cfg
+
     def run(self, cfg, ctx: StepContext) -> dict[str, Any]:
         raise NotImplementedError
 
@@ -121,6 +126,11 @@ class TrainKind(Kind):
         # A folder per fingerprint: a changed config trains afresh, a rerun of a failed step resumes
         # from its checkpoints (Ray Train resumes a run with the same storage_path and name).
         return {"storage_path": step_dir, "name": name}
+
+    def resolved(self, cfg):
+        # A fine-tune or distillation trains init_from's architecture, not the config's model section.
+        from emf_dist.train.driver import resolve_model
+        return resolve_model(cfg)
 
     def run(self, cfg, ctx: StepContext) -> dict[str, Any]:
         from emf_dist.train.driver import train

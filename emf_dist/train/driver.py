@@ -103,7 +103,7 @@ def export_checkpoint(cfg: TrainConfig, encoder: TextEncoder, checkpoint, manife
     info = ExportInfo(model=cfg.model, text_encoder=cfg.encoder, encoder_fingerprint=encoder.fingerprint(),
                       sampling=SamplingInfo(mean_flow=mean_flow, steps=1 if mean_flow else 32),
                       training={"run": cfg.name, "steps": cfg.steps, "mode": cfg.mode, "data": cfg.data.url,
-                                "manifest_version": manifest.version})
+                                "manifest_version": manifest.version, "init_from": cfg.init_from})
     target = storage.join(cfg.storage_path, cfg.name, "export")
     with storage.output_folder(target) as out:
         export_model(model, info, out)
@@ -112,6 +112,9 @@ def export_checkpoint(cfg: TrainConfig, encoder: TextEncoder, checkpoint, manife
 
 def train(cfg: TrainConfig) -> TrainResult:
     import ray
+    # Everything after this sees the architecture that trains: the workers (and so the checkpoints'
+    # train_config.json and wandb's config) and the export. A pipeline step hands in a config it has
+    # resolved already, for its run record; resolving again changes nothing.
     cfg = resolve_model(cfg)
     manifest, encoder = check_data(cfg)
     sample_text = encode_sample_prompts(cfg, encoder)
