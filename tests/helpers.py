@@ -41,3 +41,16 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# What Ray, Ray Data, Ray Train and the workers' libraries print, none of which the main job's
+# terminal may show (emf_app/console.py sends it to the log file).
+RAY_CHATTER = ("core_worker.cc", "pid=", "RayTrainWorker", "TrainController", "PlacementGroup", "wandb:",
+               "Connecting to existing Ray cluster", "Connected to Ray cluster", "INFO worker.py",
+               "Requesting resources", "Started training worker group", "Setting up process group",
+               "Checkpoint successfully created", "[repeated", "FutureWarning", "Loading weights", "\x1b[")
+
+
+def ray_chatter(text: str) -> list[str]:
+    """The lines of ``text`` that hold one of RAY_CHATTER."""
+    return [line for line in text.splitlines() if any(pattern in line for pattern in RAY_CHATTER)]

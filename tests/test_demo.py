@@ -21,7 +21,7 @@ from cluster import auth, local
 from emf_app.cli import main as emf
 from emf_dist.manifest import read_manifest
 from pipelines.registry import Registry
-from tests.helpers import free_port
+from tests.helpers import free_port, ray_chatter
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -92,6 +92,8 @@ def test_the_demo_shows_each_training_progress_line_once_without_ray_trains_repo
     assert progress, demo["log"][-3000:]
     assert len(progress) == len(set(progress)), "a progress line printed twice"
     assert "Reporting training result" not in demo["log"]
+    assert ray_chatter(demo["log"]) == [], "\n".join(ray_chatter(demo["log"]))
+    assert "(TrainController pid=" in Path(demo["out"], "logs", "demo.log").read_text()  # where Ray's lines went
 
 
 def test_the_demo_model_retrains_on_new_data_and_then_has_nothing_to_do(demo, tmp_path):
