@@ -19,7 +19,7 @@ secret but is still kept out of configs so that the same config runs against any
 strips a ``user:password@`` part from URLs before they reach a manifest, a record or a log line.
 
 There is no create-if-absent: S3 has no rename and conditional PUTs are not portable, so callers
-that need exclusivity use unique object names (see pipelines/lock.py).
+that need exclusivity use unique object names (see emf_dist/lease.py).
 """
 from __future__ import annotations
 
