@@ -50,13 +50,13 @@ LEASE_PREFIX = "lease-"
 class LockHeld(RuntimeError):
     """Another live holder kept the lock for the whole wait."""
 
-    def __init__(self, url: str, holder: dict | None, waited_s: float):
+    def __init__(self, url: str, holder: dict | None, waited_s: float, hint: str = ""):
         self.holder = holder or {}
         who = self.holder.get("holder", "another process")
         purpose = f" ({self.holder['purpose']})" if self.holder.get("purpose") else ""
         super().__init__(f"the lock at {url} is held by {who}{purpose}; waited {waited_s:.0f} s. It is released "
                          "when that run ends, or taken over once its lease has not been renewed for "
-                         f"{self.holder.get('ttl_s', '?')} s")
+                         f"{self.holder.get('ttl_s', '?')} s" + (f". {hint}" if hint else ""))
 
 
 class LockLost(RuntimeError):
@@ -77,8 +77,8 @@ class LeaseLock:
         self.url, self.ttl_s, self.poll_s, self.purpose = url, ttl_s, poll_s, purpose
         self.store = Store(url)
 
-    def acquire(self, wait_s: float = 0.0, heartbeat: bool = True) -> "Lease":
-        """Take the lock, trying for up to ``wait_s`` seconds; raises LockHeld after that."""
+    def acquire(self, wait_s: float = 0.0, heartbeat: bool = True, hint: str = "") -> "Lease":
+        """Take the lock, trying for up to ``wait_s`` seconds; raises LockHeld (ending with ``hint``) after that."""
         started = time.monotonic()
         while True:
             lease, blocker = self._attempt()
@@ -88,7 +88,7 @@ class LeaseLock:
                 return lease
             waited = time.monotonic() - started
             if waited >= wait_s:
-                raise LockHeld(self.store.url, blocker, waited)
+                raise LockHeld(self.store.url, blocker, waited, hint)
             time.sleep(min(self.poll_s * random.uniform(0.5, 1.5), max(0.0, wait_s - waited)) or 0.01)
 
     def holders(self) -> list[dict]:
