@@ -99,9 +99,7 @@ def _run_train(args) -> int:
     from emf_dist.train.config import TrainConfig
     from emf_dist.train.driver import train
 
-    result = train(parse_cli(TrainConfig, args.config))
-    print(f"trained {result.metrics.get('step')} steps; last checkpoint {result.checkpoint}; "
-          f"exported model {result.export}")
+    print(train(parse_cli(TrainConfig, args.config)).summary())
     return 0
 
 
