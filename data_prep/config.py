@@ -1,6 +1,6 @@
 """`emf prep` configuration: typed dataclasses, validated before any Ray work starts.
 
-Each stage owns its config next to its code (SourceConfig in sources.py, ImageConfig in
+Each stage owns its config next to its code (SourceConfig in sources/config.py, ImageConfig in
 images.py, so loader and writer processes never import torch); the job's config is here.
 
 A config file is optional: the defaults shard 10,000 generated scenes into ``emf-data/``
