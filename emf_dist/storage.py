@@ -18,6 +18,11 @@ a test server) is named by AWS_ENDPOINT_URL, the variable the AWS SDKs themselve
 secret but is still kept out of configs so that the same config runs against any store. ``redact``
 strips a ``user:password@`` part from URLs before they reach a manifest, a record or a log line.
 
+Every request is bounded: botocore's connect and read timeouts (EMF_STORAGE_TIMEOUT_S, 20 s)
+with EMF_STORAGE_RETRIES (2) retries by s3fs, pyarrow's S3 alike, and a total limit on each
+``Store`` call on S3; an endpoint that never answers ends in StorageUnreachable or botocore's
+timeout error, not in a hang.
+
 There is no create-if-absent: S3 has no rename and conditional PUTs are not portable, so callers
 that need exclusivity use unique object names (see emf_dist/lease.py).
 """
