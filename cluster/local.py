@@ -99,7 +99,7 @@ def up(cfg: LocalClusterConfig, echo=print) -> dict:
     echo(f"Ray head on {cfg.address} with token authentication (token: {state['token_file']})\n"
          f"  job API / dashboard: {cfg.dashboard_url}\n"
          f"  submit:  emf submit SPEC --address {cfg.dashboard_url} --follow\n"
-         f"  drivers: export RAY_ADDRESS={cfg.address} RAY_AUTH_MODE=token\n"
+         f"  drivers: export RAY_ADDRESS={cfg.address} RAY_AUTH_MODE=token RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0\n"
          f"  stop:    emf cluster down")
     return state
 

@@ -1,6 +1,6 @@
 """`emf prep` configuration: typed dataclasses, validated before any Ray work starts.
 
-Each stage owns its config next to its code (SourceConfig in sources.py, ImageConfig in
+Each stage owns its config next to its code (SourceConfig in sources/config.py, ImageConfig in
 images.py, so loader and writer processes never import torch); the job's config is here.
 
 A config file is optional: the defaults shard 10,000 generated scenes into ``emf-data/``
@@ -92,6 +92,10 @@ class PrepConfig:
     strict: bool = False
     progress: bool = True
     ray: RayConfig = field(default_factory=RayConfig)
+    # A second prep into the same dataset waits this long for the first to finish, then refuses.
+    lock_wait_s: float = 0.0
+    # A prep killed without releasing its lock blocks the next one for at most this long.
+    lock_ttl_s: float = 60.0
     # Testing only: once this run has finished N shards, writers die halfway through writing
     # the next, as a killed job would. The run fails; a rerun must finish only the missing shards.
     crash_after_shards: int | None = None
@@ -112,6 +116,8 @@ class PrepConfig:
             problems.append(f"image.resolution {self.image.resolution} != source.scenes.resolution "
                             f"{self.source.scenes.resolution}: resizing generated scenes would blur the exact "
                             "colors their ground truth relies on; set both to the same size")
+        if self.lock_wait_s < 0 or self.lock_ttl_s <= 0:
+            problems.append(f"lock_wait_s must be >= 0 and lock_ttl_s > 0, got {self.lock_wait_s}, {self.lock_ttl_s}")
         if self.crash_after_shards is not None and self.crash_after_shards < 0:
             problems.append("crash_after_shards must be >= 0")
         return problems

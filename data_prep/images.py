@@ -54,10 +54,33 @@ def decode(data: bytes | np.ndarray, resolution: int) -> np.ndarray:
         with Image.open(io.BytesIO(data)) as img:
             if img.format == "JPEG":  # decode at reduced scale when much larger: several times faster
                 img.draft("RGB", (resolution, resolution))
-            rgb = img.convert("RGB")  # forces the full decode: truncated files fail here
+            rgb = to_rgb(img)  # forces the full decode: truncated files fail here
+    except UnsupportedImage:
+        raise
     except Exception as e:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
         raise ValueError(f"not a readable image: {type(e).__name__}: {e}") from None
     return _fit(rgb, resolution)
+
+
+class UnsupportedImage(ValueError):
+    """A readable image whose pixels have no agreed 8-bit meaning (32-bit or float channels)."""
+    reason = "unsupported_image_mode"
+
+
+# 16-bit grayscale (PNG, TIFF). Pillow's convert("RGB") clips these at 255 instead of scaling:
+# a 16-bit PNG came out 99.8% white. 16-bit RGB(A) PNGs Pillow already reduces to 8 bits itself.
+_SIXTEEN_BIT = {"I;16", "I;16L", "I;16B", "I;16N"}
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB, scaling high-depth grayscale to 0..255 rather than clipping it."""
+    if img.mode in _SIXTEEN_BIT:
+        scaled = np.round(np.asarray(img, dtype=np.float32) / 257.0)  # 65535 -> 255 exactly
+        return Image.fromarray(scaled.astype(np.uint8), "L").convert("RGB")
+    if img.mode in ("I", "F"):
+        raise UnsupportedImage(f"{'32-bit integer' if img.mode == 'I' else 'floating-point'} pixels (mode "
+                               f"{img.mode}) have no agreed 8-bit range")
+    return img.convert("RGB")
 
 
 def _fit(img: Image.Image, resolution: int) -> np.ndarray:

@@ -16,6 +16,9 @@ import numpy as np
 
 SKIP_REASONS = {
     "unreadable_image": "the image could not be read or decoded (corrupt, truncated, not an image)",
+    "unsupported_image_mode": "the image's pixels are 32-bit integers or floats, with no agreed 8-bit range",
+    "unreachable_image": "the image's URL did not answer within source.io_timeout_s, after source.io_retries retries",
+    "corrupt_tar_member": "the source tar is damaged around this sample (a garbled or truncated member)",
     "missing_image": "there is no image for this item",
     "missing_caption": "there is no caption for this item",
     "empty_caption": "the caption is empty or only whitespace",

@@ -20,6 +20,7 @@ from datetime import datetime, timezone
 from typing import Callable
 
 from data_prep.config import PrepConfig
+from data_prep.dataset_lock import dataset_lock
 from data_prep.items import BadInputError, ItemRef, PrepError
 from data_prep.plan import check_same_settings, config_mismatches, manifest_settings, select_new
 from data_prep.shard import ShardWork, bad_input_message
@@ -27,6 +28,7 @@ from data_prep.sources import Source, make_source
 from data_prep.state import DatasetState, VersionPlan, build_manifest
 from data_prep.writer import RECORDS
 from emf_dist.config import validate_config
+from emf_dist.lease import Lease
 from emf_dist.manifest import Manifest
 from emf_dist.storage import Store
 
@@ -80,15 +82,16 @@ def run_prep(cfg: PrepConfig, echo: Callable[[str], None] = print) -> PrepSummar
     store = Store(cfg.out)
     state = DatasetState(store)
     summary = PrepSummary(dataset=store.url_of("").rstrip("/"))
-    _check_config(state.manifest(), cfg, store)
-    source = make_source(cfg.source)
-    refs = source.list_items()
-    models = _Models(cfg)
-    try:
-        while (plan := _next_plan(cfg, state, source, refs, models, summary)) is not None:
-            _run_version(cfg, store, state, plan, refs, summary, echo)
-    finally:
-        models.close()
+    with dataset_lock(cfg.out, cfg.lock_wait_s, cfg.lock_ttl_s) as lease:  # before reading what to do
+        _check_config(state.manifest(), cfg, store)
+        source = make_source(cfg.source)
+        refs = source.list_items()
+        models = _Models(cfg)
+        try:
+            while (plan := _next_plan(cfg, state, source, refs, models, summary)) is not None:
+                _run_version(cfg, store, state, plan, refs, summary, echo, lease)
+        finally:
+            models.close()
     manifest = state.manifest()
     if manifest is not None:
         summary.version, summary.total_samples = manifest.version, manifest.total_samples
@@ -193,13 +196,13 @@ def _shard_work(plan: VersionPlan, done: dict, refs: list[ItemRef], strict: bool
 
 
 def _run_version(cfg: PrepConfig, store: Store, state: DatasetState, plan: VersionPlan, refs: list[ItemRef],
-                 summary: PrepSummary, echo) -> None:
+                 summary: PrepSummary, echo, lease: Lease) -> None:
     """Run the plan's unfinished shards, then write the version's manifest."""
     from data_prep.pipeline import run_shards
 
     done = state.finished_records(plan)
     work = _shard_work(plan, done, refs, cfg.strict)
-    store.remove_stale_temps()  # one job per destination at a time: these are a dead run's
+    store.remove_stale_temps()  # one job per destination at a time (the lock): these are a dead run's
     store.remove_stale_temps(RECORDS)
     items = sum(len(w.refs) for w in work)
     resuming = f", resuming: {len(done)} of them already done" if done else ""
@@ -224,6 +227,7 @@ def _run_version(cfg: PrepConfig, store: Store, state: DatasetState, plan: Versi
         summary.pipeline_seconds += time.perf_counter() - t0
     summary.shards_reused += sum(r["samples"] > 0 for r in done.values())
     _add_counts(summary, plan, records)
+    lease.check()  # stalled past the lock's ttl and taken over: the other prep owns the manifest now
     state.write_manifest(build_manifest(state.manifest(), plan, records, _now()))
     summary.versions_written.append(plan.version)
 

@@ -26,6 +26,7 @@ from data_prep.items import BadInputError, PrepError
 from data_prep.shard import ShardLoader, ShardWork, to_row
 from data_prep.writer import write_shard_batch
 from emf_dist.config import to_dict
+from emf_dist.ray_env import init_driver
 from emf_dist.storage import Store
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ def connect(cfg: RayConfig) -> bool:
         return False
     common = dict(include_dashboard=False, log_to_driver=cfg.worker_logs, logging_level=logging.ERROR)
     if cfg.address:
-        ray.init(address=cfg.address, **common)
+        init_driver(cfg.address, **common)
     else:
         # "local" always starts a new instance: never attach to a `ray start` head on this machine.
         ray.init(address="local", num_cpus=cfg.num_cpus or os.cpu_count(), **common)

@@ -101,8 +101,8 @@ def load_shard(work: ShardWork, source: Source, image: ImageConfig, max_caption_
         if reason is None:
             try:
                 array = decode(raw.image, image.resolution)
-            except ValueError:
-                reason = "unreadable_image"
+            except ValueError as e:  # UnsupportedImage names its own reason
+                reason = getattr(e, "reason", "unreadable_image")
         if reason is not None:
             if strict:
                 shard.error = bad_input_message(raw.where, raw.key, reason)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from emf_app.errors import debug_requested, run_guarded
 from emf_dist.config import add_config_argument
 
 
@@ -73,16 +74,11 @@ def _add_prep(subparsers) -> None:
 
 def _run_prep(args) -> int:
     from data_prep.config import PrepConfig
-    from data_prep.items import PrepError
     from data_prep.job import run_prep
     from emf_dist.config import parse_cli
 
-    cfg = parse_cli(PrepConfig, list(args.config) + (["strict=true"] if args.strict else []))
-    try:
-        run_prep(cfg)
-    except PrepError as err:  # bad input under --strict, an interrupted pipeline: a message, no traceback
-        print(f"emf prep: error: {err}", file=sys.stderr)
-        return 1
+    # Bad input under --strict, an interrupted pipeline (PrepError): one line from the error boundary.
+    run_prep(parse_cli(PrepConfig, list(args.config) + (["strict=true"] if args.strict else [])))
     return 0
 
 
@@ -103,9 +99,7 @@ def _run_train(args) -> int:
     from emf_dist.train.config import TrainConfig
     from emf_dist.train.driver import train
 
-    result = train(parse_cli(TrainConfig, args.config))
-    print(f"trained {result.metrics.get('step')} steps; last checkpoint {result.checkpoint}; "
-          f"exported model {result.export}")
+    print(train(parse_cli(TrainConfig, args.config)).summary())
     return 0
 
 
@@ -184,7 +178,11 @@ def _add_operations(subparsers) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="emf", description="emf-dist: one-step text-to-image with MeanFlow")
+    parser = argparse.ArgumentParser(prog="emf", description="emf-dist: one-step text-to-image with MeanFlow. "
+                                     "Exit codes: 2 usage/config, 3 input/data, 4 environment (storage, "
+                                     "permissions, locks), 130 interrupted.")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an expected failure too (also EMF_DEBUG=1); accepted anywhere")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_generate(subparsers)
     _add_demo(subparsers)
@@ -196,16 +194,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    debug, argv = debug_requested(list(sys.argv[1:] if argv is None else argv))
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
-    try:
-        return args.run(args)
-    except (ValueError, FileNotFoundError) as err:  # user mistakes: a clear message, no traceback
-        print(f"emf {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    return run_guarded(args.command, lambda: args.run(args), debug)
 
 
 if __name__ == "__main__":

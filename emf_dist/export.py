@@ -1,10 +1,13 @@
 """The exported model folder: what `emf generate` and the evaluation load.
 
     model.safetensors    the (EMA) weights; safetensors, so loading never unpickles code
-    emf_model.json       model config, the text encoder's config and fingerprint, how to sample
+    emf_model.json       model config, the text encoder's config and fingerprint, how to sample,
+                         and the weights' size, sha256 and tensor shapes ("weights")
 
 The folder is written under a temporary name and renamed into place, so a reader never sees
-a half-written export.
+a half-written export. Loading verifies the weights against "weights" first (emf_dist/weights.py):
+a file damaged in a copy, even at the same length, fails with its name instead of sampling NaNs.
+Exports written before the record existed are checked against the model config's shapes only.
 """
 
 from __future__ import annotations
@@ -19,8 +22,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from emf_dist.config import ConfigError, from_dict, to_dict
+from emf_dist.errors import InputError
 from emf_dist.model import ModelConfig, VelocityNet
 from emf_dist.text_encoder import TextEncoderConfig
+from emf_dist.weights import WEIGHTS_KEY, verify_weights, weights_record
 
 FORMAT = "emf-dist-model"
 FORMAT_VERSION = 1
@@ -53,7 +58,8 @@ def export_model(model: VelocityNet, info: ExportInfo, out_dir: str | os.PathLik
     try:
         weights = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
         save_file(weights, os.path.join(staging, WEIGHTS_FILE))
-        payload = {"format": FORMAT, "version": FORMAT_VERSION, **to_dict(info)}
+        payload = {"format": FORMAT, "version": FORMAT_VERSION, **to_dict(info),
+                   WEIGHTS_KEY: weights_record(os.path.join(staging, WEIGHTS_FILE), weights)}
         with open(os.path.join(staging, INFO_FILE), "w") as f:
             json.dump(payload, f, indent=2)
         if os.path.exists(out_dir):
@@ -66,6 +72,12 @@ def export_model(model: VelocityNet, info: ExportInfo, out_dir: str | os.PathLik
 
 
 def read_export_info(model_dir: str | os.PathLike) -> ExportInfo:
+    info, _ = read_export(model_dir)
+    return info
+
+
+def read_export(model_dir: str | os.PathLike) -> tuple[ExportInfo, dict | None]:
+    """(the description, the weights record or None for an older export)."""
     info_path = os.path.join(model_dir, INFO_FILE)
     if not os.path.isdir(model_dir):
         raise FileNotFoundError(f"model folder {model_dir} does not exist; pass the folder that training exported")
@@ -76,31 +88,46 @@ def read_export_info(model_dir: str | os.PathLike) -> ExportInfo:
         try:
             payload = json.load(f)
         except json.JSONDecodeError as err:
-            raise ValueError(f"{info_path} is not valid JSON: {err}") from None
+            raise InputError(f"{info_path} is not valid JSON: {err}") from None
     if payload.get("format") != FORMAT:
-        raise ValueError(f"{info_path} is not an emf-dist model description (format {payload.get('format')!r})")
+        raise InputError(f"{info_path} is not an emf-dist model description (format {payload.get('format')!r})")
     if payload.get("version") != FORMAT_VERSION:
-        raise ValueError(f"{info_path} has format version {payload.get('version')}; this emf-dist reads "
+        raise InputError(f"{info_path} has format version {payload.get('version')}; this emf-dist reads "
                          f"version {FORMAT_VERSION}")
-    body = {k: v for k, v in payload.items() if k not in ("format", "version")}
+    body = {k: v for k, v in payload.items() if k not in ("format", "version", WEIGHTS_KEY)}
     try:
-        return from_dict(ExportInfo, body, validate=True)
+        return from_dict(ExportInfo, body, validate=True), payload.get(WEIGHTS_KEY)
     except ConfigError as err:
-        raise ValueError(f"{info_path} is inconsistent:\n{err}") from None
+        raise InputError(f"{info_path} is inconsistent:\n{err}") from None
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, list[int]]:
+    """Tensor shapes of a model of this config, without allocating it."""
+    with torch.device("meta"):
+        return {name: list(t.shape) for name, t in VelocityNet(cfg).state_dict().items()}
+
+
+def verify_export(model_dir: str | os.PathLike) -> ExportInfo:
+    """The description, once the weights file is whole (size, checksum) and fits it (tensor shapes):
+    what a driver checks before it starts workers on an init_from export."""
+    info, record = read_export(model_dir)
+    weights_path = os.path.join(model_dir, WEIGHTS_FILE)
+    if not os.path.isfile(weights_path):
+        raise FileNotFoundError(f"{model_dir} has no {WEIGHTS_FILE}; the export is incomplete")
+    verify_weights(weights_path, record, expected_shapes(info.model), described_by=INFO_FILE)
+    return info
 
 
 def load_model(model_dir: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[VelocityNet, ExportInfo]:
     """Rebuild the network from an export folder, in eval mode."""
-    info = read_export_info(model_dir)
+    info = verify_export(model_dir)
     weights_path = os.path.join(model_dir, WEIGHTS_FILE)
-    if not os.path.isfile(weights_path):
-        raise FileNotFoundError(f"{model_dir} has no {WEIGHTS_FILE}; the export is incomplete")
     model = VelocityNet(info.model)
     try:
         missing, unexpected = model.load_state_dict(load_file(weights_path), strict=False)
     except RuntimeError as err:  # shape mismatches
-        raise ValueError(f"{weights_path} does not match the model config in {INFO_FILE}: {err}") from None
+        raise InputError(f"{weights_path} does not match the model config in {INFO_FILE}: {err}") from None
     if missing or unexpected:
-        raise ValueError(f"{weights_path} does not match the model config in {INFO_FILE}: "
+        raise InputError(f"{weights_path} does not match the model config in {INFO_FILE}: "
                          f"missing {missing[:5]}, unexpected {unexpected[:5]}")
     return model.to(device).eval(), info

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 
@@ -9,6 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from emf_dist.errors import InputError
 from emf_dist.export import ExportInfo, load_model
 from emf_dist.model import VelocityNet
 from emf_dist.samplers import sample
@@ -19,6 +21,38 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     """[B, 3, H, W] in [-1, 1] -> [B, H, W, 3] uint8."""
     pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return pixels.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def finite_uint8(images: torch.Tensor) -> np.ndarray:
+    """``to_uint8`` for generated images, refusing NaN/inf: clamping would turn them into black or
+    white pictures that look like a (bad) result instead of an error."""
+    bad = (~torch.isfinite(images)).flatten(1).any(1)
+    if bad.any():
+        raise InputError(f"the model's output is not finite (NaN or inf) for {int(bad.sum())} of {len(images)} "
+                         "images: its weights are damaged or its training diverged; re-export it, or train again "
+                         "from the last good checkpoint")
+    return to_uint8(images)
+
+
+def check_sampling(steps: int | None, guidance_scale: float | None) -> None:
+    """Sampler options from a user: None means the model's own default; anything else must be usable."""
+    if steps is not None and steps < 1:
+        raise ValueError(f"steps must be >= 1 (network evaluations per image), got {steps}; leave it out for the "
+                         "model's own default")
+    if guidance_scale is not None and not math.isfinite(guidance_scale):
+        raise ValueError(f"guidance must be a finite number (1 = no guidance), got {guidance_scale}")
+
+
+def check_output_file(path: str | os.PathLike) -> None:
+    """Before any work: an output PNG path that is a folder, or lies below a file, fails now, not
+    after sampling."""
+    if os.path.isdir(path):
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), parent)
 
 
 def from_uint8(images: np.ndarray) -> torch.Tensor:
@@ -45,8 +79,13 @@ def save_png(image: np.ndarray, path: str | os.PathLike, upscale: int = 1) -> No
         picture = picture.resize((picture.width * upscale, picture.height * upscale), Image.NEAREST)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     partial = f"{path}.partial"
-    picture.save(partial, format="PNG")
-    os.replace(partial, path)
+    try:
+        picture.save(partial, format="PNG")
+        os.replace(partial, path)
+    except BaseException:
+        if os.path.isfile(partial):  # never leave a half-written or unpublished file behind
+            os.remove(partial)
+        raise
 
 
 def load_encoder_for(info: ExportInfo, model_dir: str, device="cpu") -> TextEncoder:
@@ -71,7 +110,7 @@ def generate_images(model: VelocityNet, encoder: TextEncoder, prompts: list[str]
     noise = torch.randn(len(prompts), cfg.in_channels, cfg.input_size, cfg.input_size, generator=generator)
     images = sample(model, noise.to(device), text.tokens.to(device), text.mask.to(device), text.pooled.to(device),
                     steps=steps, mean_flow=mean_flow, guidance_scale=guidance_scale)
-    return to_uint8(images)
+    return finite_uint8(images)
 
 
 def generate_to_file(model_dir: str, prompts: list[str], out: str, *, steps: int | None = None, seed: int = 0,
@@ -79,9 +118,11 @@ def generate_to_file(model_dir: str, prompts: list[str], out: str, *, steps: int
     """What ``emf generate`` does: one PNG (a grid when several prompts are given)."""
     if not prompts:
         raise ValueError("give at least one prompt")
+    check_sampling(steps, guidance_scale)
+    check_output_file(out)
     model, info = load_model(model_dir, device)
     encoder = load_encoder_for(info, model_dir, device)
-    images = generate_images(model, encoder, prompts, steps=steps or info.sampling.steps, seed=seed,
+    images = generate_images(model, encoder, prompts, steps=info.sampling.steps if steps is None else steps, seed=seed,
                              mean_flow=info.sampling.mean_flow,
                              guidance_scale=info.sampling.guidance_scale if guidance_scale is None else guidance_scale)
     save_png(images[0] if len(prompts) == 1 else image_grid(images), out, upscale=upscale)

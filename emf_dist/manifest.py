@@ -26,6 +26,8 @@ from typing import Any
 
 import fsspec
 
+from emf_dist.errors import InputError
+
 FORMAT = "emf-shards"
 MANIFEST_NAME = "manifest.json"
 IMAGE_MEMBERS = {"png": "png", "uint8": "rgb.npy", "latent": "latent.npy"}
@@ -86,11 +88,31 @@ class Manifest:
         if data.get("format") != FORMAT:
             raise ValueError(f"{where} is not an emf-dist shard manifest (format={data.get('format')!r}, "
                              f"expected {FORMAT!r})")
-        data.pop("total_samples", None)
-        data.pop("total_bytes", None)
+        totals = {"total_samples": data.pop("total_samples", None), "total_bytes": data.pop("total_bytes", None)}
         data["shards"] = [ShardEntry(**s) for s in data["shards"]]
         data["image"] = ImageSpec(**data["image"])
-        return cls(**data)
+        manifest = cls(**data)
+        manifest.check_consistent(where, **totals)
+        return manifest
+
+    def check_consistent(self, where: str, total_samples: int | None = None, total_bytes: int | None = None) -> None:
+        """Refuse a manifest that cannot be right: a shard listed twice (two writers raced), negative
+        counts, or totals that disagree with its shard list. Training on it would see every such
+        sample twice, or fewer than promised, without a word."""
+        problems = []
+        names = [s.name for s in self.shards]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            problems.append(f"{len(twice)} shards are listed more than once ({', '.join(twice[:3])})")
+        if any(s.samples < 1 or s.bytes < 1 for s in self.shards):
+            problems.append("a shard has no samples or no bytes")
+        if total_samples is not None and total_samples != self.total_samples:
+            problems.append(f"total_samples is {total_samples} but its shards hold {self.total_samples}")
+        if total_bytes is not None and total_bytes != self.total_bytes:
+            problems.append(f"total_bytes is {total_bytes} but its shards hold {self.total_bytes}")
+        if problems:
+            raise InputError(f"{where} is inconsistent: {'; '.join(problems)}. Prepare the dataset again into a "
+                             "new folder (two preps may have written it at the same time)")
 
     def shard_urls(self, dataset_url: str) -> list[str]:
         base = dataset_url.rstrip("/")
@@ -108,6 +130,22 @@ def read_manifest(dataset_url: str, storage_options: dict | None = None) -> Mani
                                 "dataset, or wait for a running prep job to finish (the manifest is written last)"
                                 ) from None
     return Manifest.from_json(text, where=url)
+
+
+def check_shard_files(manifest: Manifest, dataset_url: str, storage_options: dict | None = None) -> None:
+    """Every listed shard is present with its recorded size (one listing of the folder): a shard
+    truncated or replaced by a copy would otherwise train as fewer samples, counted only as skips."""
+    fs, root = fsspec.core.url_to_fs(dataset_url, **(storage_options or {}))
+    try:
+        sizes = {e["name"].rstrip("/").rsplit("/", 1)[-1]: e.get("size") for e in fs.ls(root, detail=True)}
+    except FileNotFoundError:
+        sizes = {}
+    wrong = [(s.name, s.bytes, sizes.get(s.name)) for s in manifest.shards if sizes.get(s.name) != s.bytes]
+    if wrong:
+        shown = "; ".join(f"{n}: {'missing' if have is None else f'{have} bytes'}, manifest says {want}"
+                          for n, want, have in wrong[:3])
+        raise InputError(f"{len(wrong)} of {len(manifest.shards)} shards under {dataset_url} do not match the "
+                         f"manifest ({shown}): copy the dataset again, or prepare it again")
 
 
 def check_compatible(manifest: Manifest, *, text_dim: int, text_length: int | None, in_channels: int,

@@ -66,8 +66,10 @@ class ModelConfig:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0 < self.data_min_t <= 1:
             problems.append(f"data_min_t must lie in (0, 1], got {self.data_min_t}")
-        if self.mlp_ratio <= 0:
+        if not self.mlp_ratio > 0:
             problems.append(f"mlp_ratio must be > 0, got {self.mlp_ratio}")
+        if not self.time_scale > 0:
+            problems.append(f"time_scale must be > 0, got {self.time_scale}")
         return problems
 
 

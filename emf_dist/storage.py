@@ -18,8 +18,13 @@ a test server) is named by AWS_ENDPOINT_URL, the variable the AWS SDKs themselve
 secret but is still kept out of configs so that the same config runs against any store. ``redact``
 strips a ``user:password@`` part from URLs before they reach a manifest, a record or a log line.
 
+Every request is bounded: botocore's connect and read timeouts (EMF_STORAGE_TIMEOUT_S, 20 s)
+with EMF_STORAGE_RETRIES (2) retries by s3fs, pyarrow's S3 alike, and a total limit on each
+``Store`` call on S3; an endpoint that never answers ends in StorageUnreachable or botocore's
+timeout error, not in a hang.
+
 There is no create-if-absent: S3 has no rename and conditional PUTs are not portable, so callers
-that need exclusivity use unique object names (see pipelines/lock.py).
+that need exclusivity use unique object names (see emf_dist/lease.py).
 """
 from __future__ import annotations
 
@@ -36,8 +41,13 @@ from typing import Iterator
 from urllib.parse import urlparse, urlsplit, urlunsplit
 
 import fsspec
+import fsspec.exceptions
+
+from emf_dist.errors import StorageUnreachable
 
 ENDPOINT_ENV = "AWS_ENDPOINT_URL"
+TIMEOUT_ENV = "EMF_STORAGE_TIMEOUT_S"
+RETRIES_ENV = "EMF_STORAGE_RETRIES"
 OBJECT_STORES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl"}
 TEMP_PREFIX = ".tmp-"
 
@@ -46,12 +56,53 @@ def is_remote(url: str) -> bool:
     return "://" in url and not url.startswith("file://")
 
 
+def io_limits() -> tuple[float, int]:
+    """(timeout in seconds for connecting and for each read, retries after the first attempt) of every
+    storage request: EMF_STORAGE_TIMEOUT_S, EMF_STORAGE_RETRIES. Environment variables rather than
+    config fields, because every reader needs them (Ray workers too) and no config should differ by
+    the network it runs on."""
+    try:
+        timeout, retries = float(os.environ.get(TIMEOUT_ENV, 20)), int(os.environ.get(RETRIES_ENV, 2))
+    except ValueError:
+        raise ValueError(f"{TIMEOUT_ENV} must be a number of seconds and {RETRIES_ENV} a whole number") from None
+    if timeout <= 0 or retries < 0:
+        raise ValueError(f"{TIMEOUT_ENV} must be > 0 and {RETRIES_ENV} >= 0")
+    return timeout, retries
+
+
+def total_timeout() -> float:
+    """The most one storage call may take, retries and s3fs's backoff included."""
+    timeout, retries = io_limits()
+    return 2 * timeout * (retries + 1) + 2.0
+
+
 def storage_options(url: str) -> dict:
-    """fsspec options for ``url``: the S3 endpoint from the environment, nothing secret."""
+    """fsspec options for ``url``: the S3 endpoint from the environment (nothing secret) and bounded
+    I/O. Without bounds an endpoint that accepts connections and never answers stalls for minutes:
+    botocore's retries (15 s read timeout each) run inside s3fs's own five. Here botocore makes one
+    attempt per call and s3fs retries it ``retries`` times with its backoff."""
+    if not url.startswith(("s3://", "s3a://")):
+        return {}
+    timeout, retries = io_limits()
+    _bound_s3fs_retries(retries)
+    options: dict = {"config_kwargs": {"connect_timeout": timeout, "read_timeout": timeout,
+                                       "retries": {"max_attempts": 1, "mode": "standard"}}}
     endpoint = os.environ.get(ENDPOINT_ENV)
-    if url.startswith("s3://") and endpoint:
-        return {"client_kwargs": {"endpoint_url": endpoint}}
-    return {}
+    if endpoint:
+        options["client_kwargs"] = {"endpoint_url": endpoint}
+    return options
+
+
+def _bound_s3fs_retries(retries: int) -> None:
+    # s3fs reads its retry count from a class attribute (not a constructor argument), for every
+    # instance, including those fsspec.open() creates from the options above.
+    import s3fs
+    s3fs.S3FileSystem.retries = retries + 1
+
+
+def open_url(url: str, mode: str = "rb"):
+    """fsspec.open with this layer's options (endpoint, timeouts)."""
+    return fsspec.open(url, mode, **storage_options(url))
 
 
 def local_path(url: str) -> str:
@@ -98,6 +149,9 @@ def ray_storage(url: str):
     region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
     if region:
         options["region"] = region
+    timeout, retries = io_limits()
+    options.update(connect_timeout=timeout, request_timeout=timeout,
+                   retry_strategy=pyarrow.fs.AwsStandardS3RetryStrategy(max_attempts=retries + 1))
     return f"{parsed.netloc}{parsed.path}".rstrip("/"), pyarrow.fs.S3FileSystem(**options)
 
 
@@ -155,6 +209,22 @@ class Store:
     def url_of(self, *parts: str) -> str:
         return redact(join(self.url, *parts))
 
+    def _io(self, method: str, *args, upload: str | None = None, **kwargs):
+        """One storage call, bounded in total on an async filesystem (s3fs): botocore's timeouts bound
+        each read, but a PUT that waits for "100 Continue" from a server that never answers is not
+        bounded by them, and hung a prep's first write for minutes. An ``upload`` (a local file) gets a
+        second more per MiB: a large shard on a slow link is slow, not dead."""
+        call = getattr(self.fs, method)
+        if not getattr(self.fs, "async_impl", False):
+            return call(*args, **kwargs)
+        limit = total_timeout() + (os.path.getsize(upload) / 2**20 if upload else 0.0)
+        try:
+            return call(*args, timeout=limit, **kwargs)
+        except fsspec.exceptions.FSTimeoutError:
+            raise StorageUnreachable(f"{self.url} did not answer a {method} within {limit:g} s: check "
+                                     f"{ENDPOINT_ENV} ({os.environ.get(ENDPOINT_ENV, 'the default endpoint')}) "
+                                     f"and the network ({TIMEOUT_ENV}, {RETRIES_ENV} set the limits)") from None
+
     def _fresh(self, path: str) -> None:
         # s3fs caches listings and object info per process; a lock, a registry or a resumed prep
         # must see what other processes wrote since.
@@ -166,13 +236,13 @@ class Store:
     def exists(self, *parts: str) -> bool:
         path = self.path(*parts)
         self._fresh(path)
-        return self.fs.exists(path)
+        return self._io("exists", path)
 
     def size(self, *parts: str) -> int | None:
         path = self.path(*parts)
         self._fresh(path)
         try:
-            return int(self.fs.size(path))
+            return int(self._io("size", path))
         except FileNotFoundError:
             return None
 
@@ -180,7 +250,7 @@ class Store:
         path = self.path(*parts)
         self._fresh(path)
         try:
-            return _modified(self.fs.info(path))
+            return _modified(self._io("info", path))
         except FileNotFoundError:
             return None
 
@@ -190,7 +260,7 @@ class Store:
         try:
             # One GET: s3fs's file objects check the ETag between reads and fail on an object
             # replaced meanwhile, which is exactly what leases and pointers are.
-            return self.fs.cat_file(path)
+            return self._io("cat_file", path)
         except FileNotFoundError:
             return None
 
@@ -203,7 +273,7 @@ class Store:
         base = self.path(folder) if folder else self.root
         self._fresh(base)
         try:
-            entries = self.fs.ls(base, detail=False)
+            entries = self._io("ls", base, detail=False)
         except FileNotFoundError:
             return []
         prefix = f"{base}/"
@@ -214,7 +284,7 @@ class Store:
         path = self.path(*parts)
         self._fresh(path)
         try:
-            infos = self.fs.ls(path, detail=True)
+            infos = self._io("ls", path, detail=True)
         except FileNotFoundError:
             return []
         return [Entry(posixpath.basename(i["name"].rstrip("/")), _modified(i)) for i in infos
@@ -230,7 +300,7 @@ class Store:
         """Atomically create or replace the file with ``data``; returns its URL."""
         path = self.path(*parts)
         if self.is_object_store:
-            self.fs.pipe_file(path, data)
+            self._io("pipe_file", path, data)
             self._fresh(path)
             return self.url_of(*parts)
         tmp = self.local_temp_path(*parts)
@@ -264,11 +334,11 @@ class Store:
             return
         try:
             if self.is_object_store:
-                self.fs.put_file(local_file, path)
+                self._io("put_file", local_file, path, upload=local_file)
             else:
                 tmp = self.path(_temp_name("/".join(parts)))
-                self.fs.put_file(local_file, tmp)
-                self.fs.mv(tmp, path)
+                self._io("put_file", local_file, tmp, upload=local_file)
+                self._io("mv", tmp, path)
         finally:
             os.remove(local_file)
             self._fresh(path)
@@ -277,7 +347,7 @@ class Store:
         """Remove one file; False if it was already gone (another process may have removed it)."""
         path = self.path(*parts)
         try:
-            self.fs.rm_file(path)
+            self._io("rm_file", path)
         except FileNotFoundError:
             return False
         finally:

@@ -235,8 +235,10 @@ def join_cluster_if_in_job() -> None:
     if not address:
         return
     import ray
+
+    from emf_dist.ray_env import init_driver
     if not ray.is_initialized():
-        ray.init(address=address, log_to_driver=True)
+        init_driver(address, log_to_driver=True)
 
 
 def artifact_identity(url: str) -> str:

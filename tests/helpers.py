@@ -54,3 +54,17 @@ RAY_CHATTER = ("core_worker.cc", "pid=", "RayTrainWorker", "TrainController", "P
 def ray_chatter(text: str) -> list[str]:
     """The lines of ``text`` that hold one of RAY_CHATTER."""
     return [line for line in text.splitlines() if any(pattern in line for pattern in RAY_CHATTER)]
+
+
+def export_tiny(out, encoder, *, nan: bool = False, **model_overrides):
+    """A small randomised MeanFlow export on ``encoder`` (NaN weights with ``nan``), returned as a Path."""
+    from emf_dist.export import ExportInfo, SamplingInfo, export_model
+
+    torch.manual_seed(0)
+    model = randomised(VelocityNet(tiny_config(text_dim=encoder.dim, input_size=8, **model_overrides)))
+    if nan:
+        with torch.no_grad():
+            for param in model.parameters():
+                param.fill_(float("nan"))
+    export_model(model, ExportInfo(model.cfg, encoder.cfg, encoder.fingerprint(), SamplingInfo(steps=1)), out)
+    return out

@@ -164,9 +164,9 @@ def test_generate_writes_a_deterministic_png(exported, tmp_path):
 
 
 def test_generate_reports_a_missing_or_wrong_model_folder(tmp_path, capsys):
-    assert emf(["generate", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "x.png"), "hi"]) == 2
+    assert emf(["generate", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "x.png"), "hi"]) == 3
     assert "does not exist" in capsys.readouterr().err
-    assert emf(["generate", "--model", str(tmp_path), "--out", str(tmp_path / "x.png"), "hi"]) == 2
+    assert emf(["generate", "--model", str(tmp_path), "--out", str(tmp_path / "x.png"), "hi"]) == 3
     assert "emf_model.json is missing" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
 

@@ -85,7 +85,7 @@ def read_shards(urls, decode=("rgb8",)) -> list[dict]:
 def test_crash_resume_noop_and_append(tmp_path, ray_local, minilm, capsys):
     out = tmp_path / "ds"
     # `emf prep`, dying after 2 of its 4 shards: a clear error, a progress bar, no stack trace.
-    assert main(["prep", f"out={out}", "source.count=40", "samples_per_shard=10", "crash_after_shards=2"]) == 1
+    assert main(["prep", f"out={out}", "source.count=40", "samples_per_shard=10", "crash_after_shards=2"]) == 3
     err = capsys.readouterr().err
     assert "emf prep: error: the pipeline stopped: InjectedCrash: crash_after_shards" in err
     assert "Traceback" not in err and "item" in err
@@ -200,11 +200,11 @@ def test_bad_input_is_skipped_and_counted_by_reason(tmp_path, ray_local, messy_f
 
 def test_strict_names_the_first_offender_without_a_traceback(tmp_path, ray_local, messy_folder, capsys):
     args = ["prep", f"out={tmp_path / 'ds'}", "progress=false", "source.kind=folder", f"source.url={messy_folder}"]
-    assert main(args + ["--strict"]) == 1  # the duplicate is found while planning, before any shard
+    assert main(args + ["--strict"]) == 3  # the duplicate is found while planning, before any shard
     err = capsys.readouterr().err
     assert "bad input dup.png (key 'dup'): duplicate_key" in err and "dup.jpg" in err and "Traceback" not in err
     (messy_folder / "dup.jpg").unlink()
-    assert main(args + ["--strict"]) == 1  # now the loaders find the first bad image
+    assert main(args + ["--strict"]) == 3  # now the loaders find the first bad image
     err = capsys.readouterr().err
     assert "bad input corrupt.png (key 'corrupt'): unreadable_image" in err and "Traceback" not in err
     assert not (tmp_path / "ds" / "manifest.json").exists() and not shard_files(tmp_path / "ds")

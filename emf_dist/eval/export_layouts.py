@@ -36,10 +36,11 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from emf_dist.errors import InputError
 from emf_dist.eval.benchmark import BenchmarkConfig, prompt_set
 from emf_dist.eval.sampling import SamplerSpec, fixed_noise, generate
 from emf_dist.export import load_model
-from emf_dist.generate import load_encoder_for, save_png
+from emf_dist.generate import check_sampling, load_encoder_for, save_png
 from emf_dist.scenes.detector import DetectorConfig, known_classes, score
 
 
@@ -77,9 +78,10 @@ class _Generator:
 
     def __init__(self, model_dir: str, steps: int | None, guidance: float | None, seed: int, batch_size: int,
                  device: str = "cpu"):
+        check_sampling(steps, guidance)
         self.model, info = load_model(model_dir, device)
         self.encoder = load_encoder_for(info, model_dir, device)
-        self.spec = SamplerSpec("model", info.sampling.mean_flow, steps or info.sampling.steps,
+        self.spec = SamplerSpec("model", info.sampling.mean_flow, info.sampling.steps if steps is None else steps,
                                 info.sampling.guidance_scale if guidance is None else guidance)
         self.seed, self.batch_size = seed, batch_size
 
@@ -126,6 +128,8 @@ def export_dpg(model_dir: str, prompts: list[tuple[str, str]], out_dir: str, *, 
 def score_geneval_folder(folder: str, cfg: DetectorConfig | None = None) -> dict:
     """Score a GenEval-layout folder of scene prompts with the scene detector, as GenEval summarises:
     accuracy per tag and overall as the mean over tags. Prompts about other objects are refused."""
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{folder} is not a folder: pass the folder `emf eval export-geneval` wrote")
     per_tag: dict[str, list[bool]] = {}
     records = []
     for sub in sorted(os.listdir(folder)):
@@ -143,5 +147,8 @@ def score_geneval_folder(folder: str, cfg: DetectorConfig | None = None) -> dict
                 per_tag.setdefault(meta["tag"], []).append(correct)
                 records.append({"filename": os.path.join(sub, "samples", name), "tag": meta["tag"],
                                 "prompt": meta["prompt"], "correct": correct, "reason": reason})
+    if not records:  # an overall 0.000 would read as a (terrible) score
+        raise InputError(f"{folder} holds no GenEval-layout images (NNNNN/metadata.jsonl and NNNNN/samples/NNNNN.png): "
+                         "write them with `emf eval export-geneval --out FOLDER` first")
     tasks = {tag: float(np.mean(v)) for tag, v in per_tag.items()}
-    return {"tasks": tasks, "overall": float(np.mean(list(tasks.values()))) if tasks else 0.0, "records": records}
+    return {"tasks": tasks, "overall": float(np.mean(list(tasks.values()))), "records": records}

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from emf_dist.generate import to_uint8
+from emf_dist.generate import finite_uint8
 from emf_dist.model import VelocityNet
 from emf_dist.samplers import sample
 from emf_dist.text_encoder import EncodedText
@@ -66,7 +66,7 @@ def generate(model: VelocityNet, text: EncodedText, noise: torch.Tensor, spec: S
         images = sample(model, noise[rows].to(device), text.tokens[rows].to(device), text.mask[rows].to(device),
                         text.pooled[rows].to(device), steps=spec.steps, mean_flow=spec.mean_flow,
                         guidance_scale=spec.guidance)
-        out.append(to_uint8(images))
+        out.append(finite_uint8(images))
         if progress is not None:
             progress.update(images.shape[0])
     return np.concatenate(out) if out else np.zeros((0, model.cfg.input_size, model.cfg.input_size, 3), np.uint8)

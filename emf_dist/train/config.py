@@ -17,6 +17,12 @@ from emf_dist.text_encoder import TextEncoderConfig
 from emf_dist.time_sampling import TimeSamplerConfig
 
 
+def _at_least(cfg, **bounds: int) -> list[str]:
+    """Problems for integer fields below their lower bound (validate() of the sub-configs)."""
+    return [f"{name} must be >= {low}, got {getattr(cfg, name)}" for name, low in bounds.items()
+            if getattr(cfg, name) < low]
+
+
 @dataclass
 class DataConfig:
     url: str = ""                  # dataset folder holding manifest.json (local path or s3://...)
@@ -25,6 +31,12 @@ class DataConfig:
     loader_workers: int = 1        # DataLoader processes per training worker (0: in the training process)
     cache_mib: int = 0             # with loader_workers 0: keep decoded shards in memory up to this many MiB
     text_length: int | None = None  # expected L of the token states (None: take the manifest's)
+
+    def validate(self) -> list[str]:
+        problems = _at_least(self, samples_per_epoch=0, shuffle_buffer=1, loader_workers=0, cache_mib=0)
+        if self.text_length is not None and self.text_length < 1:
+            problems.append(f"text_length must be >= 1 (or null), got {self.text_length}")
+        return problems
 
 
 @dataclass
@@ -36,6 +48,22 @@ class OptimConfig:
     decay: Literal["constant", "cosine", "linear"] = "constant"  # after warm-up, towards min_lr_ratio * lr
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
+
+    def validate(self) -> list[str]:
+        problems = []
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            problems.append(f"lr must be a finite number > 0, got {self.lr}")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            problems.append(f"betas must be two numbers in [0, 1), got {list(self.betas)}")
+        if not self.weight_decay >= 0:
+            problems.append(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.warmup_steps < 0:
+            problems.append(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            problems.append(f"min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio}")
+        if not self.grad_clip > 0:
+            problems.append(f"grad_clip must be > 0, got {self.grad_clip}")
+        return problems
 
     def lr_factor(self, step: int, total_steps: int) -> float:
         """Linear warm-up, then constant / cosine / linear decay to min_lr_ratio at the last step."""
@@ -63,6 +91,15 @@ class ScalingOptions:
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0
 
+    def validate(self) -> list[str]:
+        problems = []
+        if not self.cpus_per_worker > 0 or not self.gpus_per_worker >= 0:
+            problems.append(f"cpus_per_worker must be > 0 and gpus_per_worker >= 0, got {self.cpus_per_worker}, "
+                            f"{self.gpus_per_worker}")
+        if self.use_gpu and not self.gpus_per_worker > 0:
+            problems.append("use_gpu needs gpus_per_worker > 0")
+        return problems
+
 
 @dataclass
 class FaultConfig:
@@ -73,6 +110,9 @@ class FaultConfig:
     nan_at_micro_batches: tuple[int, ...] = ()  # fault injection: rank 0's loss is NaN at these micro-batch
                                                 # attempts (counted from 0 over the whole run, retries included)
 
+    def validate(self) -> list[str]:
+        return _at_least(self, max_failures=0, max_bad_steps_in_a_row=1)
+
 
 @dataclass
 class LoggingConfig:
@@ -81,6 +121,9 @@ class LoggingConfig:
     sample_prompts: tuple[str, ...] = ("a red circle", "a blue square", "a green triangle", "a yellow circle")
     wandb: Literal["auto", "online", "offline", "disabled"] = "auto"  # auto: online iff WANDB_API_KEY is set
     wandb_project: str = "emf-dist"
+
+    def validate(self) -> list[str]:
+        return _at_least(self, every=1, sample_every=0)
 
 
 @dataclass
@@ -127,6 +170,11 @@ class TrainConfig:
 
     def validate(self) -> list[str]:
         problems = []
+        if not 0.0 <= self.ema_decay < 1.0:
+            problems.append(f"ema_decay must lie in [0, 1) (the EMA keeps this share of its value each step), "
+                            f"got {self.ema_decay}")
+        if not self.name.strip() or "/" in self.name:
+            problems.append(f"name must be a non-empty folder name without '/', got {self.name!r}")
         if not self.data.url:
             problems.append("data.url is required: the folder `emf prep` wrote (it holds manifest.json)")
         if self.steps < 1 or self.micro_batch < 1 or self.grad_accum < 1:

@@ -1,8 +1,10 @@
 """`emf train`: check everything on the driver, then run Ray Train's TorchTrainer.
 
 Before any worker starts: the config is typed and validated (emf_dist.config), the dataset's
-manifest is read and its shapes are checked against the model, and the encoder named in the
-config is fingerprinted and compared with the one that encoded the shards. Then Ray Train
+manifest is read, its shard files are compared with it and its shapes are checked against the
+model, the encoder named in the config is fingerprinted and compared with the one that encoded
+the shards, an init_from export's weights are verified (size, checksum, shapes), and a rerun
+of an existing run name must keep the config its checkpoints were made with (resume_check.py). Then Ray Train
 runs emf_dist.train.worker on every rank; at the end the EMA weights of the last checkpoint
 are exported (safetensors + emf_model.json) to ``<storage>/<name>/export``.
 """
@@ -13,16 +15,29 @@ from dataclasses import dataclass, replace
 
 from emf_dist import storage
 from emf_dist.config import to_dict
-from emf_dist.manifest import Manifest, check_compatible, read_manifest
+from emf_dist.manifest import Manifest, check_compatible, check_shard_files, read_manifest
+from emf_dist.ray_env import init_driver
 from emf_dist.text_encoder import TextEncoder, check_fingerprint
 from emf_dist.train.config import TrainConfig
+from emf_dist.train.resume_check import check_resume
 
 
 @dataclass
 class TrainResult:
     checkpoint: str        # storage URL of the last checkpoint
     export: str            # storage URL of the exported EMA model
-    metrics: dict
+    metrics: dict          # the last report's, skipped_samples included
+
+    @property
+    def skipped_samples(self) -> int:
+        """Samples the loaders could not read, over the whole run (all ranks)."""
+        return int(self.metrics.get("skipped_samples", 0))
+
+    def summary(self) -> str:
+        skipped = self.skipped_samples
+        warn = ": some shards are damaged; check them, or prepare the data again" if skipped else ""
+        return (f"trained {self.metrics.get('step')} steps; skipped {skipped} unreadable samples{warn}; "
+                f"last checkpoint {self.checkpoint}; exported model {self.export}")
 
 
 def resolve_model(cfg: TrainConfig) -> TrainConfig:
@@ -30,9 +45,9 @@ def resolve_model(cfg: TrainConfig) -> TrainConfig:
     the dual time embedding, distillation keeps a MeanFlow model's as it is."""
     if not cfg.starts_from_export:
         return cfg
-    from emf_dist.export import INFO_FILE, read_export_info
-    with storage.local_folder(cfg.init_from, only=(INFO_FILE,)) as folder:
-        parent = read_export_info(folder).model
+    from emf_dist.export import verify_export
+    with storage.local_folder(cfg.init_from) as folder:  # the weights too: the workers must not find them damaged
+        parent = verify_export(folder).model
     if cfg.mode == "meanflow_finetune" and parent.time_embedding != "single":
         raise ValueError(f"init_from {cfg.init_from} is already a MeanFlow model (dual time embedding); "
                          "fine-tune from a flow-matching export, or distil it with mode meanflow_distill")
@@ -46,6 +61,7 @@ def resolve_model(cfg: TrainConfig) -> TrainConfig:
 def check_data(cfg: TrainConfig) -> tuple[Manifest, TextEncoder]:
     """Manifest shapes vs the model, shard encoder vs the configured encoder: clear errors, both sides named."""
     manifest = read_manifest(cfg.data.url, storage.storage_options(cfg.data.url))
+    check_shard_files(manifest, cfg.data.url, storage.storage_options(cfg.data.url))
     check_compatible(manifest, text_dim=cfg.model.text_dim, text_length=cfg.data.text_length,
                      in_channels=cfg.model.in_channels, input_size=cfg.model.input_size, where=cfg.data.url)
     encoder = TextEncoder(cfg.encoder)
@@ -116,12 +132,15 @@ def train(cfg: TrainConfig) -> TrainResult:
     # train_config.json and wandb's config) and the export. A pipeline step hands in a config it has
     # resolved already, for its run record; resolving again changes nothing.
     cfg = resolve_model(cfg)
+    check_resume(cfg)
     manifest, encoder = check_data(cfg)
     sample_text = encode_sample_prompts(cfg, encoder)
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+        init_driver(os.environ.get("RAY_ADDRESS"), log_to_driver=True)
     result = _trainer(cfg, sample_text).fit()
     if result.error is not None:
         raise result.error
     export = export_checkpoint(cfg, encoder, result.checkpoint, manifest)
-    return TrainResult(checkpoint=result.checkpoint.path, export=export, metrics=result.metrics or {})
+    metrics = dict(result.metrics or {})
+    metrics.setdefault("skipped_samples", 0)
+    return TrainResult(checkpoint=result.checkpoint.path, export=export, metrics=metrics)
