@@ -13,8 +13,13 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from emf_dist.backbones import (DiffusersBackbone, convert_to_meanflow, freeze_for_emf_finetune,
-                                is_diffusers_folder, load_diffusers_backbone)
+from emf_dist.backbones import (
+    DiffusersBackbone,
+    convert_to_meanflow,
+    freeze_for_emf_finetune,
+    is_diffusers_folder,
+    load_diffusers_backbone,
+)
 from emf_dist.backbones.attention_processors import JvpJointAttnProcessor, JvpSanaAttnProcessor
 from emf_dist.backbones.precision import promote_float64
 from emf_dist.backbones.time_convention import convention_from_scheduler_config, read_time_convention
