@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass, replace
 
 from emf_dist import storage
+from emf_dist.backbones.adapter import BackboneConfig
 from emf_dist.config import to_dict
 from emf_dist.manifest import Manifest, check_compatible, read_manifest
 from emf_dist.text_encoder import TextEncoder, check_fingerprint
@@ -27,7 +28,15 @@ class TrainResult:
 
 def resolve_model(cfg: TrainConfig) -> TrainConfig:
     """A run from an export takes its architecture: EMF's fine-tune converts a flow-matching parent to
-    the dual time embedding, distillation keeps a MeanFlow model's as it is."""
+    the dual time embedding, distillation keeps a MeanFlow model's as it is. A run from a diffusers
+    folder takes its transformer's (emf_dist/train/pretrained.py)."""
+    from emf_dist.train.pretrained import is_pretrained_folder, resolve_backbone
+    if is_pretrained_folder(cfg.init_from):
+        return resolve_backbone(cfg)
+    if cfg.mode == "flow_matching" and cfg.init_from:
+        raise ValueError(f"mode flow_matching continues pretraining from a diffusers pipeline or transformer folder; "
+                         f"init_from {cfg.init_from} is none (a local folder with model_index.json, or config.json "
+                         "naming a diffusers class)")
     if not cfg.starts_from_export:
         return cfg
     from emf_dist.export import INFO_FILE, read_export_info
@@ -48,6 +57,9 @@ def check_data(cfg: TrainConfig) -> tuple[Manifest, TextEncoder]:
     manifest = read_manifest(cfg.data.url, storage.storage_options(cfg.data.url))
     check_compatible(manifest, text_dim=cfg.model.text_dim, text_length=cfg.data.text_length,
                      in_channels=cfg.model.in_channels, input_size=cfg.model.input_size, where=cfg.data.url)
+    if isinstance(cfg.model, BackboneConfig):
+        from emf_dist.train.pretrained import check_pipeline_parts
+        check_pipeline_parts(cfg, manifest)
     encoder = TextEncoder(cfg.encoder)
     check_fingerprint(manifest.encoder, encoder.fingerprint(), what_expected=f"the shards ({cfg.data.url})",
                       what_actual="the training config's encoder")
@@ -115,6 +127,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     cfg = resolve_model(cfg)
     manifest, encoder = check_data(cfg)
     sample_text = encode_sample_prompts(cfg, encoder)
+    if isinstance(cfg.model, BackboneConfig):
+        from emf_dist.train.pretrained import write_null_text
+        write_null_text(cfg, encoder)
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
     result = _trainer(cfg, sample_text).fit()
