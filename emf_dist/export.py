@@ -1,7 +1,11 @@
 """The exported model folder: what `emf generate` and the evaluation load.
 
     model.safetensors    the (EMA) weights; safetensors, so loading never unpickles code
-    emf_model.json       model config, the text encoder's config and fingerprint, how to sample
+    emf_model.json       model config, the text encoder's config and fingerprint, how to sample,
+                         and for a latent model the VAE (where it is, its fingerprint)
+
+A pretrained diffusers backbone's export also holds its transformer in diffusers' own format
+(emf_dist/backbones/saving.py); model.safetensors then keeps only what that format has no place for.
 
 The folder is written under a temporary name and renamed into place, so a reader never sees
 a half-written export.
@@ -18,9 +22,11 @@ from dataclasses import dataclass, field
 import torch
 from safetensors.torch import load_file, save_file
 
+from emf_dist.backbones.adapter import BackboneConfig, DiffusersBackbone
 from emf_dist.config import ConfigError, from_dict, to_dict
 from emf_dist.model import ModelConfig, VelocityNet
 from emf_dist.text_encoder import TextEncoderConfig
+from emf_dist.vae import VaeInfo
 
 FORMAT = "emf-dist-model"
 FORMAT_VERSION = 1
@@ -37,22 +43,29 @@ class SamplingInfo:
 
 @dataclass
 class ExportInfo:
-    model: ModelConfig
+    model: ModelConfig | BackboneConfig  # our DiT, or a pretrained diffusers transformer
     text_encoder: TextEncoderConfig
     encoder_fingerprint: dict
     sampling: SamplingInfo = field(default_factory=SamplingInfo)
     training: dict = field(default_factory=dict)  # free-form provenance: run name, step, data manifest
+    vae: VaeInfo | None = None  # latent models: the autoencoder that decodes their samples
 
 
-def export_model(model: VelocityNet, info: ExportInfo, out_dir: str | os.PathLike) -> str:
-    """Write ``model``'s weights and ``info`` to ``out_dir`` atomically (an existing export is replaced)."""
+def export_model(model: VelocityNet | DiffusersBackbone, info: ExportInfo, out_dir: str | os.PathLike,
+                 scheduler_dir: str | None = None) -> str:
+    """Write ``model``'s weights and ``info`` to ``out_dir`` atomically (an existing export is replaced).
+    ``scheduler_dir``: a backbone parent's scheduler folder, copied along (its time convention)."""
     out_dir = os.path.abspath(out_dir)
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".export-", dir=parent)
     try:
-        weights = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
-        save_file(weights, os.path.join(staging, WEIGHTS_FILE))
+        if isinstance(model, DiffusersBackbone):
+            from emf_dist.backbones.saving import save_backbone
+            save_backbone(model, staging, scheduler_dir)
+        else:
+            weights = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
+            save_file(weights, os.path.join(staging, WEIGHTS_FILE))
         payload = {"format": FORMAT, "version": FORMAT_VERSION, **to_dict(info)}
         with open(os.path.join(staging, INFO_FILE), "w") as f:
             json.dump(payload, f, indent=2)
@@ -89,12 +102,16 @@ def read_export_info(model_dir: str | os.PathLike) -> ExportInfo:
         raise ValueError(f"{info_path} is inconsistent:\n{err}") from None
 
 
-def load_model(model_dir: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[VelocityNet, ExportInfo]:
+def load_model(model_dir: str | os.PathLike, device: str | torch.device = "cpu"
+               ) -> tuple[VelocityNet | DiffusersBackbone, ExportInfo]:
     """Rebuild the network from an export folder, in eval mode."""
     info = read_export_info(model_dir)
     weights_path = os.path.join(model_dir, WEIGHTS_FILE)
     if not os.path.isfile(weights_path):
         raise FileNotFoundError(f"{model_dir} has no {WEIGHTS_FILE}; the export is incomplete")
+    if isinstance(info.model, BackboneConfig):
+        from emf_dist.backbones.saving import load_backbone
+        return load_backbone(str(model_dir), info.model).to(device), info
     model = VelocityNet(info.model)
     try:
         missing, unexpected = model.load_state_dict(load_file(weights_path), strict=False)

@@ -45,6 +45,9 @@ def resolve_model(cfg: TrainConfig) -> TrainConfig:
     if cfg.mode == "meanflow_finetune" and parent.time_embedding != "single":
         raise ValueError(f"init_from {cfg.init_from} is already a MeanFlow model (dual time embedding); "
                          "fine-tune from a flow-matching export, or distil it with mode meanflow_distill")
+    if isinstance(parent, BackboneConfig):
+        raise ValueError(f"init_from {cfg.init_from} is an export of a pretrained {parent.class_name}: "
+                         f"{cfg.mode} from such an export is not supported yet")
     if cfg.mode == "meanflow_distill" and parent.time_embedding != "dual":
         raise ValueError(f"init_from {cfg.init_from} is a flow-matching model (single time embedding); "
                          "meanflow_distill needs a MeanFlow export: fine-tune it first (mode meanflow_finetune)")
@@ -106,7 +109,14 @@ def export_checkpoint(cfg: TrainConfig, encoder: TextEncoder, checkpoint, manife
     from emf_dist.export import ExportInfo, SamplingInfo, export_model
     from emf_dist.model import VelocityNet
     from emf_dist.train.checkpoint import load_ema
-    model = VelocityNet(cfg.model)
+    scheduler_dir = None
+    if isinstance(cfg.model, BackboneConfig):  # the architecture (and the frozen weights) from the parent
+        from emf_dist.backbones.loading import transformer_folder
+        from emf_dist.train.pretrained import load_backbone_parent
+        from emf_dist.train.setup import build_model
+        model, scheduler_dir = build_model(cfg, load_backbone_parent(cfg)), transformer_folder(cfg.init_from)[1]
+    else:
+        model = VelocityNet(cfg.model)
     ema = EMA(model, cfg.ema_decay)
     with checkpoint.as_directory() as folder:
         load_ema(folder, ema)
@@ -115,10 +125,11 @@ def export_checkpoint(cfg: TrainConfig, encoder: TextEncoder, checkpoint, manife
     info = ExportInfo(model=cfg.model, text_encoder=cfg.encoder, encoder_fingerprint=encoder.fingerprint(),
                       sampling=SamplingInfo(mean_flow=mean_flow, steps=1 if mean_flow else 32),
                       training={"run": cfg.name, "steps": cfg.steps, "mode": cfg.mode, "data": cfg.data.url,
-                                "manifest_version": manifest.version})
+                                "manifest_version": manifest.version, "init_from": cfg.init_from},
+                      vae=manifest.image.vae_info() if manifest.image.kind == "latent" else None)
     target = storage.join(cfg.storage_path, cfg.name, "export")
     with storage.output_folder(target) as out:
-        export_model(model, info, out)
+        export_model(model, info, out, scheduler_dir=None if scheduler_dir is None else str(scheduler_dir))
     return target
 
 
