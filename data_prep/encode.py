@@ -13,10 +13,11 @@ import time
 import numpy as np
 
 from data_prep.config import PrepConfig
-from data_prep.images import ImageConfig, encode_latents, load_vae, vae_scale_factor
+from data_prep.images import ImageConfig
 from data_prep.shard import ShardBatch, pack, unpack
 from emf_dist.manifest import ImageSpec
-from emf_dist.text_encoder import TextEncoder, TextEncoderConfig, weights_sha256
+from emf_dist.text_encoder import TextEncoder, TextEncoderConfig
+from emf_dist.vae import describe_vae, encode_images, load_vae
 
 
 def _device(gpus: float) -> str:
@@ -33,7 +34,7 @@ class ShardEncoder:
         self.encoder = TextEncoder(encoder, device)
         self.batch_size, self.image = batch_size, image
         self.vae = load_vae(image.vae, device) if image.kind == "latent" else None
-        self.scale = vae_scale_factor(self.vae, image.vae_scale_factor) if self.vae is not None else None
+        self.vae_info = describe_vae(image.vae, self.vae, image.vae_scale_factor) if self.vae is not None else None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return pack(self.encode(unpack(batch)))
@@ -46,7 +47,7 @@ class ShardEncoder:
         shard.tokens, shard.mask, shard.pooled = text.tokens.numpy(), text.mask.numpy(), text.pooled.numpy()
         shard.truncated = int(text.truncated.sum())
         if self.vae is not None:
-            shard.latents = encode_latents(self.vae, shard.images, self.scale, self.image.vae_batch_size)
+            shard.latents = encode_images(self.vae, self.vae_info, shard.images, self.image.vae_batch_size)
             shard.images = None  # latents replace pixels in the shard: do not ship them on
         shard.seconds["encode"] = time.perf_counter() - started
         return shard
@@ -63,10 +64,11 @@ def describe_models(cfg: PrepConfig) -> dict:
     dtypes = {"tokens": cfg.encoder.dtype, "mask": "bool", "pooled": cfg.encoder.dtype, "image": "uint8"}
     if image.kind == "latent":
         vae = load_vae(image.vae, device)
-        spec.scale_factor = vae_scale_factor(vae, image.vae_scale_factor)
+        info = describe_vae(image.vae, vae, image.vae_scale_factor)
         probe = np.zeros((1, image.resolution, image.resolution, 3), np.uint8)
-        spec.shape = list(encode_latents(vae, probe, spec.scale_factor, 1).shape[1:])
-        spec.vae, spec.vae_sha256 = image.vae, weights_sha256(image.vae)
+        spec.shape = list(encode_images(vae, info, probe, 1).shape[1:])
+        spec.scale_factor, spec.shift_factor = info.scaling_factor, info.shift_factor
+        spec.vae, spec.vae_sha256, spec.vae_class = info.source, info.sha256, info.class_name
         dtypes["image"] = "float16"
     return {"encoder": encoder.fingerprint(), "text_shapes": {"tokens": [L, D], "mask": [L], "pooled": [D]},
             "dtypes": dtypes, "image": spec}

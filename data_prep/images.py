@@ -1,14 +1,14 @@
-"""Image handling: decode -> RGB -> resize the shorter side -> center crop; PNG bytes; VAE latents.
+"""Image handling: decode -> RGB -> resize the shorter side -> center crop; PNG bytes.
 
-Decoding and resizing run in the loader actors (CPU); latents run in the encoder actors,
-next to the text encoder, so the VAE also loads once per actor and uses its GPU.
+Decoding and resizing run in the loader actors (CPU); latents (emf_dist/vae.py) run in the
+encoder actors, next to the text encoder, so the VAE also loads once per actor and uses its GPU.
 """
 from __future__ import annotations
 
 import io
 import os
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -22,9 +22,11 @@ class ImageConfig:
     kind: Literal["png", "uint8", "latent"] = "png"
     # Images are resized (shorter side) and center-cropped to this square size.
     resolution: int = 32
-    # latent: a local folder holding a diffusers AutoencoderKL (config.json + weights).
+    # latent: a local folder holding a diffusers AutoencoderKL or AutoencoderDC (config.json +
+    # weights), or a diffusers pipeline folder (its vae/ is used).
     vae: str | None = None
-    # latent: multiply latents by this; None takes the VAE config's scaling_factor.
+    # latent: multiply latents by this; None takes the VAE config's scaling_factor (its
+    # shift_factor, if any, is always subtracted first).
     vae_scale_factor: float | None = None
     # latent: images per VAE forward pass.
     vae_batch_size: int = 32
@@ -36,9 +38,10 @@ class ImageConfig:
         if self.resolution < 8:
             problems.append(f"resolution must be >= 8, got {self.resolution}")
         if self.kind == "latent" and not self.vae:
-            problems.append("kind 'latent' needs vae: a folder holding a diffusers AutoencoderKL")
+            problems.append("kind 'latent' needs vae: a folder holding a diffusers AutoencoderKL or "
+                            "AutoencoderDC, or a diffusers pipeline folder")
         if self.kind == "latent" and self.vae and not os.path.isdir(os.path.expanduser(self.vae)):
-            problems.append(f"vae {self.vae!r} is not a folder (save one with AutoencoderKL.save_pretrained)")
+            problems.append(f"vae {self.vae!r} is not a folder (save one with the autoencoder's save_pretrained)")
         if self.kind != "latent" and self.vae:
             problems.append(f"vae is set but kind is {self.kind!r}: use kind=latent to store latents")
         if self.vae_batch_size < 1:
@@ -104,48 +107,3 @@ def png_bytes(image: np.ndarray) -> bytes:
     # Level 1: small images compress nearly as well, and it is several times faster than 6.
     Image.fromarray(image).save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
-
-
-# ---------------------------------------------------------------- latents
-
-def load_vae(path: str, device: str = "cpu") -> Any:
-    """A diffusers AutoencoderKL from a local folder, in float32, eval mode."""
-    try:
-        from diffusers import AutoencoderKL
-    except ImportError:
-        raise ValueError("image.kind=latent needs diffusers (pip install diffusers)") from None
-    folder = os.path.expanduser(path)
-    try:
-        vae = AutoencoderKL.from_pretrained(folder, local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"could not load a diffusers AutoencoderKL from {folder}: {e}") from e
-    return vae.to(device=device, dtype=_torch().float32).eval()
-
-
-def vae_scale_factor(vae: Any, override: float | None) -> float:
-    if override is not None:
-        return float(override)
-    factor = getattr(vae.config, "scaling_factor", None)
-    if factor is None:
-        raise ValueError("the VAE config has no scaling_factor: set image.vae_scale_factor")
-    return float(factor)
-
-
-def encode_latents(vae: Any, images: np.ndarray, scale_factor: float, batch_size: int) -> np.ndarray:
-    """uint8 [N, H, W, 3] -> float16 [N, C, h, w]: the posterior mean (deterministic, so reruns
-    of a shard give the same bytes) times the scale factor, as diffusion trainers consume it."""
-    torch = _torch()
-    device = next(vae.parameters()).device
-    out = []
-    with torch.inference_mode():
-        for i in range(0, len(images), batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(images[i:i + batch_size])).to(device)
-            x = x.permute(0, 3, 1, 2).float() / 127.5 - 1.0
-            latent = vae.encode(x).latent_dist.mean * scale_factor
-            out.append(latent.to(torch.float16).cpu().numpy())
-    return np.concatenate(out) if out else np.zeros((0,), np.float16)
-
-
-def _torch():
-    import torch  # loaders never need torch: import it only where latents are made
-    return torch

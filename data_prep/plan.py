@@ -70,7 +70,7 @@ def check_same_settings(recorded: dict, current: dict, *, what: str, where: str)
     problems = []
     if recorded["text_shapes"] != current["text_shapes"]:
         problems.append(f"text shapes {recorded['text_shapes']} != {current['text_shapes']}")
-    for name in ("kind", "resolution", "shape", "scale_factor", "vae_sha256"):
+    for name in ("kind", "resolution", "shape", "scale_factor", "shift_factor", "vae_sha256"):
         have, want = recorded["image"].get(name), current["image"].get(name)
         if have != want:
             problems.append(f"image {name} {have!r} != {want!r}")

@@ -190,7 +190,7 @@ def _build_dataclass(cls, value, path, errors, validate):
                 # A partial mapping overrides the field's own default instance, not the
                 # nested class's defaults: `model.depth=3` keeps the job's other model values.
                 default = field.default_factory()
-                if dataclasses.is_dataclass(default):
+                if dataclasses.is_dataclass(default) and _extends(default, given, _hints(cls)[name]):
                     given = {**to_dict(default), **given}
             kwargs[name] = _convert(_hints(cls)[name], given, _join(path, name), errors, validate)
         elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
@@ -205,6 +205,14 @@ def _build_dataclass(cls, value, path, errors, validate):
     if validate and hasattr(obj, "validate"):
         errors.extend(_problem(path, str(p)) for p in (obj.validate() or ()))
     return obj
+
+
+def _extends(default: Any, given: Mapping, hint: Any) -> bool:
+    """Whether ``given`` overrides fields of ``default``. For a union of dataclasses, a mapping with
+    keys the default's class lacks describes another alternative and is taken as it is."""
+    if typing.get_origin(hint) not in (Union, types.UnionType):
+        return True
+    return set(given) <= {f.name for f in dataclasses.fields(default)}
 
 
 def _unknown_key_msg(key: str, fields: Iterable[str]) -> str:

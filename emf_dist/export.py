@@ -2,7 +2,14 @@
 
     model.safetensors    the (EMA) weights; safetensors, so loading never unpickles code
     emf_model.json       model config, the text encoder's config and fingerprint, how to sample,
+<<<<<<< HEAD
                          and the weights' size, sha256 and tensor shapes ("weights")
+=======
+                         and for a latent model the VAE (where it is, its fingerprint)
+
+A pretrained diffusers backbone's export also holds its transformer in diffusers' own format
+(emf_dist/backbones/saving.py); model.safetensors then keeps only what that format has no place for.
+>>>>>>> pretrained
 
 The folder is written under a temporary name and renamed into place, so a reader never sees
 a half-written export. Loading verifies the weights against "weights" first (emf_dist/weights.py):
@@ -21,11 +28,16 @@ from dataclasses import dataclass, field
 import torch
 from safetensors.torch import load_file, save_file
 
+from emf_dist.backbones.adapter import BackboneConfig, DiffusersBackbone
 from emf_dist.config import ConfigError, from_dict, to_dict
 from emf_dist.errors import InputError
 from emf_dist.model import ModelConfig, VelocityNet
 from emf_dist.text_encoder import TextEncoderConfig
+<<<<<<< HEAD
 from emf_dist.weights import WEIGHTS_KEY, verify_weights, weights_record
+=======
+from emf_dist.vae import VaeInfo
+>>>>>>> pretrained
 
 FORMAT = "emf-dist-model"
 FORMAT_VERSION = 1
@@ -42,24 +54,37 @@ class SamplingInfo:
 
 @dataclass
 class ExportInfo:
-    model: ModelConfig
+    model: ModelConfig | BackboneConfig  # our DiT, or a pretrained diffusers transformer
     text_encoder: TextEncoderConfig
     encoder_fingerprint: dict
     sampling: SamplingInfo = field(default_factory=SamplingInfo)
     training: dict = field(default_factory=dict)  # free-form provenance: run name, step, data manifest
+    vae: VaeInfo | None = None  # latent models: the autoencoder that decodes their samples
 
 
-def export_model(model: VelocityNet, info: ExportInfo, out_dir: str | os.PathLike) -> str:
-    """Write ``model``'s weights and ``info`` to ``out_dir`` atomically (an existing export is replaced)."""
+def export_model(model: VelocityNet | DiffusersBackbone, info: ExportInfo, out_dir: str | os.PathLike,
+                 scheduler_dir: str | None = None) -> str:
+    """Write ``model``'s weights and ``info`` to ``out_dir`` atomically (an existing export is replaced).
+    ``scheduler_dir``: a backbone parent's scheduler folder, copied along (its time convention)."""
     out_dir = os.path.abspath(out_dir)
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".export-", dir=parent)
     try:
+<<<<<<< HEAD
         weights = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
         save_file(weights, os.path.join(staging, WEIGHTS_FILE))
         payload = {"format": FORMAT, "version": FORMAT_VERSION, **to_dict(info),
                    WEIGHTS_KEY: weights_record(os.path.join(staging, WEIGHTS_FILE), weights)}
+=======
+        if isinstance(model, DiffusersBackbone):
+            from emf_dist.backbones.saving import save_backbone
+            save_backbone(model, staging, scheduler_dir)
+        else:
+            weights = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
+            save_file(weights, os.path.join(staging, WEIGHTS_FILE))
+        payload = {"format": FORMAT, "version": FORMAT_VERSION, **to_dict(info)}
+>>>>>>> pretrained
         with open(os.path.join(staging, INFO_FILE), "w") as f:
             json.dump(payload, f, indent=2)
         if os.path.exists(out_dir):
@@ -118,10 +143,19 @@ def verify_export(model_dir: str | os.PathLike) -> ExportInfo:
     return info
 
 
-def load_model(model_dir: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[VelocityNet, ExportInfo]:
+def load_model(model_dir: str | os.PathLike, device: str | torch.device = "cpu"
+               ) -> tuple[VelocityNet | DiffusersBackbone, ExportInfo]:
     """Rebuild the network from an export folder, in eval mode."""
     info = verify_export(model_dir)
     weights_path = os.path.join(model_dir, WEIGHTS_FILE)
+<<<<<<< HEAD
+=======
+    if not os.path.isfile(weights_path):
+        raise FileNotFoundError(f"{model_dir} has no {WEIGHTS_FILE}; the export is incomplete")
+    if isinstance(info.model, BackboneConfig):
+        from emf_dist.backbones.saving import load_backbone
+        return load_backbone(str(model_dir), info.model).to(device), info
+>>>>>>> pretrained
     model = VelocityNet(info.model)
     try:
         missing, unexpected = model.load_state_dict(load_file(weights_path), strict=False)

@@ -1,4 +1,5 @@
-"""Text to image with an exported model: encode the prompts, sample, write PNGs."""
+"""Text to image with an exported model: encode the prompts, sample (decode latents with the
+model's VAE), write PNGs."""
 
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ from PIL import Image
 
 from emf_dist.errors import InputError
 from emf_dist.export import ExportInfo, load_model
-from emf_dist.model import VelocityNet
 from emf_dist.samplers import sample
 from emf_dist.text_encoder import TextEncoder, check_fingerprint
+from emf_dist.vae import VaeInfo, check_vae, decode_latents, describe_vae, load_vae
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -96,21 +97,39 @@ def load_encoder_for(info: ExportInfo, model_dir: str, device="cpu") -> TextEnco
     return encoder
 
 
+def load_vae_for(info: ExportInfo, model_dir: str, device="cpu") -> tuple | None:
+    """(the autoencoder, its VaeInfo) of a latent model, checked against the recorded fingerprint."""
+    if info.vae is None:
+        return None
+    vae = load_vae(info.vae.source, device)
+    check_vae(info.vae, describe_vae(info.vae.source, vae, info.vae.scaling_factor),
+              what_expected=f"the model ({model_dir})", what_actual="the VAE loaded here")
+    return vae, info.vae
+
+
 @torch.no_grad()
-def generate_images(model: VelocityNet, encoder: TextEncoder, prompts: list[str], *, steps: int, seed: int,
-                    mean_flow: bool = True, guidance_scale: float = 1.0) -> np.ndarray:
-    """One image per prompt, [N, H, W, 3] uint8; image i depends only on (seed, i, prompt i)."""
+def generate_images(model: torch.nn.Module, encoder: TextEncoder, prompts: list[str], *, steps: int, seed: int,
+                    mean_flow: bool = True, guidance_scale: float = 1.0,
+                    vae: tuple[torch.nn.Module, VaeInfo] | None = None) -> np.ndarray:
+    """One image per prompt, [N, H, W, 3] uint8; image i depends only on (seed, i, prompt i).
+    ``vae`` (module, VaeInfo) decodes a latent model's samples."""
     cfg = model.cfg
-    if cfg.in_channels != 3:
-        raise ValueError(f"this model works in a {cfg.in_channels}-channel latent space; decoding latents to "
-                         "pixels needs the VAE it was trained with, which generate does not load yet")
+    if cfg.in_channels != 3 and vae is None:
+        raise ValueError(f"this model works in a {cfg.in_channels}-channel latent space; decoding its samples "
+                         "needs the VAE it was trained with (an export records it as vae)")
     device = next(model.parameters()).device
     text = encoder.encode(prompts)
     generator = torch.Generator().manual_seed(seed)
     noise = torch.randn(len(prompts), cfg.in_channels, cfg.input_size, cfg.input_size, generator=generator)
     images = sample(model, noise.to(device), text.tokens.to(device), text.mask.to(device), text.pooled.to(device),
                     steps=steps, mean_flow=mean_flow, guidance_scale=guidance_scale)
+<<<<<<< HEAD
     return finite_uint8(images)
+=======
+    if vae is not None:
+        images = decode_latents(vae[0], vae[1], images)
+    return to_uint8(images)
+>>>>>>> pretrained
 
 
 def generate_to_file(model_dir: str, prompts: list[str], out: str, *, steps: int | None = None, seed: int = 0,
@@ -124,6 +143,7 @@ def generate_to_file(model_dir: str, prompts: list[str], out: str, *, steps: int
     encoder = load_encoder_for(info, model_dir, device)
     images = generate_images(model, encoder, prompts, steps=info.sampling.steps if steps is None else steps, seed=seed,
                              mean_flow=info.sampling.mean_flow,
-                             guidance_scale=info.sampling.guidance_scale if guidance_scale is None else guidance_scale)
+                             guidance_scale=info.sampling.guidance_scale if guidance_scale is None else guidance_scale,
+                             vae=load_vae_for(info, model_dir, device))
     save_png(images[0] if len(prompts) == 1 else image_grid(images), out, upscale=upscale)
     return out

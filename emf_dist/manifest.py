@@ -6,7 +6,7 @@ dot-free key and these members (the part after the key's first dot is the extens
 
     <key>.png          RGB uint8 image, square, ``image.resolution`` px     (image.kind == "png")
     <key>.rgb.npy      the same as a raw uint8 array [H, W, 3]               (image.kind == "uint8")
-    <key>.latent.npy   VAE latent [C, h, w] float16, already multiplied by image.scale_factor
+    <key>.latent.npy   VAE latent [C, h, w] float16, (mean - image.shift_factor) * image.scale_factor
                        (image.kind == "latent")
     <key>.txt          the caption, UTF-8
     <key>.json         metadata: the source's fields (for generated scenes: task, objects)
@@ -51,6 +51,15 @@ class ImageSpec:
     scale_factor: float | None = None  # VAE latent scale (latents only)
     vae: str | None = None             # where the VAE came from (latents only)
     vae_sha256: str | None = None      # hash of the VAE weights (latents only): appends must use the same VAE
+    shift_factor: float | None = None  # subtracted before scaling (latents only; SD3/FLUX VAEs)
+    vae_class: str | None = None       # the diffusers autoencoder class (latents only)
+
+    def vae_info(self):
+        """The VAE these latents need, as emf_dist.vae.VaeInfo (latents only)."""
+        from emf_dist.vae import VaeInfo
+        return VaeInfo(source=self.vae or "", class_name=self.vae_class or "AutoencoderKL",
+                       sha256=self.vae_sha256 or "", scaling_factor=self.scale_factor or 1.0,
+                       shift_factor=self.shift_factor)
 
 
 @dataclass

@@ -13,6 +13,10 @@ there) and let a consumer that ignores the mask still get a sane masked sum.
 Nothing here touches the network: names are resolved to local folders (the packaged
 MiniLM, a user folder, or a snapshot already in the Hugging Face cache) and loaded with
 `local_files_only=True`.
+
+A diffusers pipeline folder is a name too: its `text_encoder/` and `tokenizer/` are loaded and
+the pipeline's own prompt handling is applied (emf_dist/prompt_recipes.py: SANA's instruction
+prefix), so the states are the ones that pipeline feeds its transformer.
 """
 from __future__ import annotations
 
@@ -26,6 +30,8 @@ from typing import Literal, Sequence
 import torch
 import torch.nn.functional as F
 
+from emf_dist.prompt_recipes import pipeline_class, pipeline_parts
+
 PACKAGED_NAME = "minilm"
 _DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
 # Fields that say where the weights live, not what they are: the same weights copied to
@@ -36,7 +42,8 @@ _HASH_CACHE: dict[tuple, str] = {}
 
 @dataclass
 class TextEncoderConfig:
-    # "minilm" = the packaged all-MiniLM-L6-v2; otherwise a local folder or a hub id already in the local cache.
+    # "minilm" = the packaged all-MiniLM-L6-v2; otherwise a local folder (a transformers model, or a
+    # diffusers pipeline: its text_encoder/ with the pipeline's prompt recipe) or a hub id already in the local cache.
     name: str = PACKAGED_NAME
     # "transformers": AutoModel hidden states; "sentence-transformers": the model's own ST pipeline.
     backend: Literal["transformers", "sentence-transformers"] = "transformers"
@@ -178,6 +185,12 @@ class TextEncoder:
         self.source = resolve_encoder_path(cfg.name)
         self.folder = self.source if os.path.isdir(self.source) else _cached_snapshot(self.source)
         self._revision = None if os.path.isdir(self.source) else os.path.basename(self.folder)
+        self.tokenizer_folder, self.recipe = self.folder, None
+        if pipeline_class(self.folder) is not None:
+            self.folder, self.tokenizer_folder, self.recipe = pipeline_parts(self.folder)
+            if cfg.backend != "transformers" or cfg.padding_side != "right":
+                raise ValueError(f"{cfg.name} is a {self.recipe.pipeline} folder: its prompt recipe needs "
+                                 "backend 'transformers' and padding_side 'right' (as the pipeline pads)")
         try:
             self._load()
         except (OSError, ValueError) as e:  # missing config.json, unknown architecture, ...
@@ -197,7 +210,7 @@ class TextEncoder:
             self.tokenizer = self.model.tokenizer
         else:
             from transformers import AutoModel, AutoTokenizer
-            self.tokenizer = AutoTokenizer.from_pretrained(self.folder, local_files_only=True)
+            self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_folder, local_files_only=True)
             model = AutoModel.from_pretrained(self.folder, local_files_only=True)
             # Encoder-decoder models (T5): the encoder alone. Not get_encoder() on every model:
             # for BERT it returns the inner layer stack, which does not take input_ids.
@@ -221,12 +234,23 @@ class TextEncoder:
                              f"use a layer in [{-n}, {n - 1}]")
         return self.cfg.layer % n  # -1 and n-1 are the same layer and must fingerprint the same
 
-    def _tokenize(self, captions: list[str]) -> dict[str, torch.Tensor]:
-        enc = self.tokenizer(captions, padding="max_length", truncation=True,
-                             max_length=self.cfg.max_length, return_tensors="pt")
+    def _prompts(self, captions: list[str], instruct: bool = True) -> tuple[list[str], int]:
+        """What the tokenizer sees and its padded length: the captions at L, or (a pipeline recipe
+        with an instruction) the instruction + caption at n_instruction + L - 2, as the pipeline does."""
+        if self.recipe is None:
+            return captions, self.cfg.max_length
+        prompts = [self.recipe.prepare(c) for c in captions]
+        if not (instruct and self.recipe.instruction):
+            return prompts, self.cfg.max_length
+        instruction_tokens = len(self.tokenizer.encode(self.recipe.instruction))
+        return [self.recipe.instruction + p for p in prompts], instruction_tokens + self.cfg.max_length - 2
+
+    def _tokenize(self, captions: list[str], instruct: bool = True) -> dict[str, torch.Tensor]:
+        prompts, length = self._prompts(captions, instruct)
+        enc = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=length, return_tensors="pt")
         # Tokenizers silently skip truncation when L is below their special-token count.
         got = enc["input_ids"].shape[1]
-        if got != self.cfg.max_length:
+        if got != length:
             raise ValueError(f"max_length={self.cfg.max_length} is too small for the tokenizer of "
                              f"{self.cfg.name!r}: it produced {got} tokens (special tokens count); "
                              "raise max_length")
@@ -242,27 +266,44 @@ class TextEncoder:
             kwargs["use_cache"] = False
         return self.model(**kwargs, output_hidden_states=True, return_dict=True).hidden_states
 
-    def _truncated(self, captions: list[str]) -> torch.Tensor:
+    def _truncated(self, captions: list[str], instruct: bool = True) -> torch.Tensor:
         # Tokenizing to L + 1 without padding is enough to tell "longer than L" apart and stays
         # cheap even for very long captions (and avoids the "sequence too long" warning).
-        ids = self.tokenizer(captions, truncation=True, max_length=self.cfg.max_length + 1)["input_ids"]
-        return torch.tensor([len(x) > self.cfg.max_length for x in ids], dtype=torch.bool)
+        prompts, length = self._prompts(captions, instruct)
+        ids = self.tokenizer(prompts, truncation=True, max_length=length + 1)["input_ids"]
+        return torch.tensor([len(x) > length for x in ids], dtype=torch.bool)
 
-    def _encode_batch(self, captions: list[str]) -> tuple[torch.Tensor, ...]:
-        enc = self._tokenize(captions)
+    def _kept_positions(self, states: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """SANA's selection after an instruction: the first state and the last L - 1 (identity at L)."""
+        length, total = self.cfg.max_length, states.shape[1]
+        if total == length:
+            return states, mask
+        keep = torch.tensor([0] + list(range(total - length + 1, total)), device=states.device)
+        return states[:, keep], mask[:, keep]
+
+    def _encode_batch(self, captions: list[str], instruct: bool = True) -> tuple[torch.Tensor, ...]:
+        enc = self._tokenize(captions, instruct)
         mask = enc["attention_mask"].bool()
         if self.cfg.backend == "sentence-transformers":
             out = self.model(enc)
             states, pooled = out["token_embeddings"], out["sentence_embedding"]
         else:
             states, pooled = self._hidden_states(enc)[self._layer], None
+            states, mask = self._kept_positions(states, mask)
         states = torch.where(mask[..., None], states, torch.zeros((), device=states.device))
         if pooled is None:
             pooled = _pool(states, mask, self.cfg.pooling)
         if self.cfg.normalize_pooled:
             pooled = F.normalize(pooled, dim=-1)
         dtype = _DTYPES[self.cfg.dtype]
-        return states.to(dtype).cpu(), mask.cpu(), pooled.to(dtype).cpu(), self._truncated(captions)
+        return states.to(dtype).cpu(), mask.cpu(), pooled.to(dtype).cpu(), self._truncated(captions, instruct)
+
+    def encode_null(self) -> EncodedText:
+        """The empty prompt as the model's unconditional input, [1, L, D]: what a pipeline feeds for
+        classifier-free guidance (SANA's without the instruction)."""
+        self.model.eval()
+        with torch.inference_mode():
+            return EncodedText(*self._encode_batch([""], instruct=False))
 
     def encode(self, captions: Sequence[str], batch_size: int = 64) -> EncodedText:
         """Encode captions; results do not depend on batch_size (every row is padded to L)."""
@@ -300,6 +341,8 @@ class TextEncoder:
                 "normalize_pooled": self.cfg.normalize_pooled,
                 "dim": self.dim,
             }
+            if self.recipe is not None:  # only then: fingerprints of plain encoders stay as they were
+                self._fingerprint["prompt"] = self.recipe.fingerprint()
         return dict(self._fingerprint)
 
 

@@ -281,6 +281,22 @@ def test_partial_override_keeps_the_fields_own_default_instance():
     assert cfg.inner == _Inner(a=7, b="job default")
 
 
+@dataclass
+class _Other:
+    c: str
+    a: int = 0
+
+
+@dataclass
+class _Either:
+    inner: _Inner | _Other = field(default_factory=lambda: _Inner(a=5, b="job default"))
+
+
+def test_a_union_field_takes_another_alternative_whole_and_overrides_its_default_partially():
+    assert load_config(_Either, None, ["inner.a=7"]).inner == _Inner(a=7, b="job default")
+    assert from_dict(_Either, {"inner": {"c": "other"}}).inner == _Other(c="other")
+
+
 def test_non_defaults_keeps_only_what_differs_so_a_new_field_leaves_it_unchanged():
     job = from_dict(JobCfg, {"model": {"depth": 6, "width": 256}, "sampler": {}, "lr": 1e-4, "urls": ["a"]})
     assert non_defaults(job) == {"model": {"depth": 6}, "urls": ["a"]}

@@ -43,6 +43,17 @@ class BackboneConfig:
     checkpointing: bool = False  # diffusers' gradient checkpointing of the blocks, in the gradient pass only
 
 
+def backbone_config(family: Family, config, use_text_mask: bool | None = None,
+                    time_embedding: Literal["single", "dual"] = "single") -> BackboneConfig:
+    """The BackboneConfig of a transformer config (its config.json), without loading any weights."""
+    return BackboneConfig(
+        family=family.name, class_name=family.class_name, input_size=config["sample_size"],
+        in_channels=config["in_channels"], patch_size=config["patch_size"], text_dim=family.text_dim(config),
+        pooled_dim=family.pooled_dim(config),
+        use_text_mask=family.uses_text_mask if use_text_mask is None else use_text_mask,
+        time_embedding=time_embedding)
+
+
 class DiffusersBackbone(nn.Module):
     def __init__(self, transformer: nn.Module, family: Family, time: FlowTimeConvention,
                  use_text_mask: bool | None = None):
@@ -52,14 +63,9 @@ class DiffusersBackbone(nn.Module):
         if problems:
             raise ValueError(f"{family.class_name} config not supported: " + "; ".join(problems))
         self.transformer, self.family, self.time = transformer, family, time
-        self.cfg = BackboneConfig(
-            family=family.name, class_name=family.class_name, input_size=config["sample_size"],
-            in_channels=config["in_channels"], patch_size=config["patch_size"], text_dim=family.text_dim(config),
-            pooled_dim=family.pooled_dim(config),
-            use_text_mask=family.uses_text_mask if use_text_mask is None else use_text_mask,
-            # A transformer converted before (a copy of a converted backbone's) keeps its dual embedding.
-            time_embedding="dual" if hasattr(getattr(transformer, family.time_embedding_attr), "interval_embedder")
-            else "single")
+        # A transformer converted before (a copy of a converted backbone's) keeps its dual embedding.
+        dual = hasattr(getattr(transformer, family.time_embedding_attr), "interval_embedder")
+        self.cfg = backbone_config(family, config, use_text_mask, "dual" if dual else "single")
         self.processors = install_jvp_processors(transformer)
         # The null condition (CFG's unconditional input): one zero token, the only key kept, and a
         # zero pooled vector until ``set_null_text`` gives the family's encoding of "".

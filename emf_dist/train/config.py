@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
+from emf_dist.backbones.adapter import BackboneConfig
 from emf_dist.meanflow import MeanFlowConfig
 from emf_dist.model import ModelConfig
 from emf_dist.split_distill import SplitDistillConfig
@@ -133,7 +134,12 @@ class TrainConfig:
     # meanflow_finetune: EMF's conversion of a flow-matching export (init_from); meanflow_distill: a
     # MeanFlow export (init_from) whose 1-step query learns its own k-step samples (emf_dist/split_distill.py)
     mode: Literal["flow_matching", "meanflow", "meanflow_finetune", "meanflow_distill"] = "meanflow"
-    init_from: str = ""             # meanflow_finetune / meanflow_distill: an exported model folder
+    # meanflow_finetune / meanflow_distill: an exported model folder; meanflow_finetune and flow_matching
+    # (continued pretraining) also take a diffusers SANA / SD3 pipeline or transformer folder
+    # (emf_dist/train/pretrained.py), whose backbone then becomes `model`
+    init_from: str = ""
+    emf_freeze: bool = True         # meanflow_finetune: train only what EMF trains (blocks, time embeddings,
+                                    # final modulation); false trains every parameter
     steps: int = 100                # optimizer steps for the whole run (sets the progress and lr schedules)
     stop_after: int = 0             # end this invocation early after this step (checkpointed); rerun to go on
     micro_batch: int = 8            # samples per worker per forward
@@ -142,7 +148,9 @@ class TrainConfig:
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
     ema_decay: float = 0.999
-    model: ModelConfig = field(default_factory=lambda: ModelConfig(input_size=32, patch_size=4, width=128, depth=4,
+    # Our DiT, or (resolved from a diffusers init_from by the driver) the pretrained backbone; set only
+    # model.checkpointing for the latter
+    model: ModelConfig | BackboneConfig = field(default_factory=lambda: ModelConfig(input_size=32, patch_size=4, width=128, depth=4,
                                                                    heads=4, text_dim=384, time_scale=1.0,
                                                                    checkpointing=True))
     objective: MeanFlowConfig = field(default_factory=lambda: MeanFlowConfig(time=TimeSamplerConfig.emf()))
@@ -187,9 +195,9 @@ class TrainConfig:
         if self.starts_from_export and not self.init_from:
             wanted = "a flow-matching" if self.mode == "meanflow_finetune" else "a MeanFlow"
             problems.append(f"mode {self.mode} needs init_from: {wanted} model's export folder")
-        if not self.starts_from_export and self.init_from:
-            problems.append(f"init_from is only used by modes meanflow_finetune and meanflow_distill "
-                            f"(mode is {self.mode})")
+        if self.mode == "meanflow" and self.init_from:
+            problems.append("init_from is used by modes meanflow_finetune, meanflow_distill and (a diffusers "
+                            "folder) flow_matching; mode meanflow trains from scratch")
         if self.objective.velocity == "teacher" and self.mode != "meanflow_finetune":
             problems.append("objective.velocity: teacher takes the fine-tuning parent as the teacher: it needs "
                             f"mode meanflow_finetune and init_from (mode is {self.mode})")

@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass, replace
 
 from emf_dist import storage
+from emf_dist.backbones.adapter import BackboneConfig
 from emf_dist.config import to_dict
 from emf_dist.manifest import Manifest, check_compatible, check_shard_files, read_manifest
 from emf_dist.ray_env import init_driver
@@ -42,7 +43,15 @@ class TrainResult:
 
 def resolve_model(cfg: TrainConfig) -> TrainConfig:
     """A run from an export takes its architecture: EMF's fine-tune converts a flow-matching parent to
-    the dual time embedding, distillation keeps a MeanFlow model's as it is."""
+    the dual time embedding, distillation keeps a MeanFlow model's as it is. A run from a diffusers
+    folder takes its transformer's (emf_dist/train/pretrained.py)."""
+    from emf_dist.train.pretrained import is_pretrained_folder, resolve_backbone
+    if is_pretrained_folder(cfg.init_from):
+        return resolve_backbone(cfg)
+    if cfg.mode == "flow_matching" and cfg.init_from:
+        raise ValueError(f"mode flow_matching continues pretraining from a diffusers pipeline or transformer folder; "
+                         f"init_from {cfg.init_from} is none (a local folder with model_index.json, or config.json "
+                         "naming a diffusers class)")
     if not cfg.starts_from_export:
         return cfg
     from emf_dist.export import verify_export
@@ -51,6 +60,9 @@ def resolve_model(cfg: TrainConfig) -> TrainConfig:
     if cfg.mode == "meanflow_finetune" and parent.time_embedding != "single":
         raise ValueError(f"init_from {cfg.init_from} is already a MeanFlow model (dual time embedding); "
                          "fine-tune from a flow-matching export, or distil it with mode meanflow_distill")
+    if isinstance(parent, BackboneConfig):
+        raise ValueError(f"init_from {cfg.init_from} is an export of a pretrained {parent.class_name}: "
+                         f"{cfg.mode} from such an export is not supported yet")
     if cfg.mode == "meanflow_distill" and parent.time_embedding != "dual":
         raise ValueError(f"init_from {cfg.init_from} is a flow-matching model (single time embedding); "
                          "meanflow_distill needs a MeanFlow export: fine-tune it first (mode meanflow_finetune)")
@@ -64,6 +76,9 @@ def check_data(cfg: TrainConfig) -> tuple[Manifest, TextEncoder]:
     check_shard_files(manifest, cfg.data.url, storage.storage_options(cfg.data.url))
     check_compatible(manifest, text_dim=cfg.model.text_dim, text_length=cfg.data.text_length,
                      in_channels=cfg.model.in_channels, input_size=cfg.model.input_size, where=cfg.data.url)
+    if isinstance(cfg.model, BackboneConfig):
+        from emf_dist.train.pretrained import check_pipeline_parts
+        check_pipeline_parts(cfg, manifest)
     encoder = TextEncoder(cfg.encoder)
     check_fingerprint(manifest.encoder, encoder.fingerprint(), what_expected=f"the shards ({cfg.data.url})",
                       what_actual="the training config's encoder")
@@ -110,7 +125,14 @@ def export_checkpoint(cfg: TrainConfig, encoder: TextEncoder, checkpoint, manife
     from emf_dist.export import ExportInfo, SamplingInfo, export_model
     from emf_dist.model import VelocityNet
     from emf_dist.train.checkpoint import load_ema
-    model = VelocityNet(cfg.model)
+    scheduler_dir = None
+    if isinstance(cfg.model, BackboneConfig):  # the architecture (and the frozen weights) from the parent
+        from emf_dist.backbones.loading import transformer_folder
+        from emf_dist.train.pretrained import load_backbone_parent
+        from emf_dist.train.setup import build_model
+        model, scheduler_dir = build_model(cfg, load_backbone_parent(cfg)), transformer_folder(cfg.init_from)[1]
+    else:
+        model = VelocityNet(cfg.model)
     ema = EMA(model, cfg.ema_decay)
     with checkpoint.as_directory() as folder:
         load_ema(folder, ema)
@@ -119,10 +141,11 @@ def export_checkpoint(cfg: TrainConfig, encoder: TextEncoder, checkpoint, manife
     info = ExportInfo(model=cfg.model, text_encoder=cfg.encoder, encoder_fingerprint=encoder.fingerprint(),
                       sampling=SamplingInfo(mean_flow=mean_flow, steps=1 if mean_flow else 32),
                       training={"run": cfg.name, "steps": cfg.steps, "mode": cfg.mode, "data": cfg.data.url,
-                                "manifest_version": manifest.version, "init_from": cfg.init_from})
+                                "manifest_version": manifest.version, "init_from": cfg.init_from},
+                      vae=manifest.image.vae_info() if manifest.image.kind == "latent" else None)
     target = storage.join(cfg.storage_path, cfg.name, "export")
     with storage.output_folder(target) as out:
-        export_model(model, info, out)
+        export_model(model, info, out, scheduler_dir=None if scheduler_dir is None else str(scheduler_dir))
     return target
 
 
@@ -135,6 +158,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     check_resume(cfg)
     manifest, encoder = check_data(cfg)
     sample_text = encode_sample_prompts(cfg, encoder)
+    if isinstance(cfg.model, BackboneConfig):
+        from emf_dist.train.pretrained import write_null_text
+        write_null_text(cfg, encoder)
     if not ray.is_initialized():
         init_driver(os.environ.get("RAY_ADDRESS"), log_to_driver=True)
     result = _trainer(cfg, sample_text).fit()

@@ -3,7 +3,8 @@
 Only rank 0 writes. wandb's run id is the run name, so a resumed run continues the same
 wandb run; with no WANDB_API_KEY in the environment it logs offline (``wandb sync`` later).
 The key is read by wandb itself from the environment and never passes through our config.
-Sample grids go to ``<storage>/<name>/samples/step_XXXXXXXX.png`` (and to wandb).
+Sample grids go to ``<storage>/<name>/samples/step_XXXXXXXX.png`` (and to wandb); a latent
+model's samples are decoded by the VAE its dataset's manifest names, loaded on rank 0 at the first grid.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from emf_dist import storage
 from emf_dist.generate import image_grid, to_uint8
 from emf_dist.samplers import sample
 from emf_dist.train.config import TrainConfig
+from emf_dist.vae import decode_latents, load_vae
 
 
 def wandb_mode(setting: str) -> str:
@@ -30,7 +32,7 @@ class RunLogger:
     def __init__(self, cfg: TrainConfig, rank: int, sample_text: dict | None, resumed_at: int):
         self.cfg, self.rank, self.sample_text = cfg, rank, sample_text
         self.start, self.start_step = time.perf_counter(), resumed_at
-        self.wandb = None
+        self.wandb, self._vae = None, None
         if rank == 0 and wandb_mode(cfg.logging.wandb) != "disabled":
             import wandb
 
@@ -66,10 +68,16 @@ class RunLogger:
         images = sample(model, noise, tokens.float(), mask.bool(), pooled.float(), steps=1,
                         mean_flow=self.cfg.mode != "flow_matching")
         model.train(was_training)
-        if self.rank != 0 or cfg.in_channels != 3:
+        if self.rank != 0:
             return
+        images = images.float()
+        if cfg.in_channels != 3:
+            vae = self._decoder(device)
+            if vae is None:
+                return
+            images = decode_latents(*vae, images)
         from PIL import Image
-        picture = Image.fromarray(image_grid(to_uint8(images.float().cpu())))
+        picture = Image.fromarray(image_grid(to_uint8(images.cpu())))
         buffer = io.BytesIO()
         picture.save(buffer, format="PNG")
         path = storage.join(self.cfg.storage_path, self.cfg.name, "samples", f"step_{step:08d}.png")
@@ -79,6 +87,18 @@ class RunLogger:
         if self.wandb is not None:
             import wandb
             self.wandb.log({"samples_1step": wandb.Image(picture)}, step=step)
+
+    def _decoder(self, device):
+        """(VAE, VaeInfo) of the dataset's latents, or None (then latent grids are skipped, said once)."""
+        if self._vae is None:
+            from emf_dist.manifest import read_manifest
+            image = read_manifest(self.cfg.data.url, storage.storage_options(self.cfg.data.url)).image
+            try:
+                self._vae = (load_vae(image.vae, device), image.vae_info()) if image.vae else False
+            except (OSError, ValueError) as err:
+                print(f"sample grids off: the dataset's VAE {image.vae} does not load here: {err}", flush=True)
+                self._vae = False
+        return self._vae or None
 
     def finish(self) -> None:
         if self.wandb is not None:

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from emf_dist import storage
+from emf_dist.backbones.adapter import BackboneConfig
 from emf_dist.manifest import read_manifest
 from emf_dist.meanflow import MeanFlowLoss
 from emf_dist.model import VelocityNet
@@ -21,8 +22,12 @@ from emf_dist.train.shard_loader import BatchIterator, stream_spec
 
 def build_model(cfg: TrainConfig, parent: VelocityNet | None) -> VelocityNet:
     """From scratch (seeded alike on every rank), EMF's conversion of the exported FM parent, or (distillation)
-    a copy of the exported MeanFlow model, every parameter trainable."""
+    a copy of the exported MeanFlow model, every parameter trainable; a pretrained diffusers backbone as
+    emf_dist/train/pretrained.py builds it."""
     torch.manual_seed(cfg.seed)
+    if isinstance(cfg.model, BackboneConfig):
+        from emf_dist.train.pretrained import build_backbone_model
+        return build_backbone_model(cfg, parent)
     if cfg.mode == "meanflow_distill":
         model = VelocityNet(cfg.model)
         model.load_state_dict(parent.state_dict())
@@ -32,7 +37,8 @@ def build_model(cfg: TrainConfig, parent: VelocityNet | None) -> VelocityNet:
     from emf_dist.convert import freeze_for_emf_finetune, meanflow_from_flow_matching
     model = meanflow_from_flow_matching(parent.cfg, parent.state_dict())
     model.cfg.checkpointing = cfg.model.checkpointing
-    freeze_for_emf_finetune(model)
+    if cfg.emf_freeze:
+        freeze_for_emf_finetune(model)
     return model
 
 

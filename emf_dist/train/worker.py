@@ -23,7 +23,7 @@ import torch.distributed as dist
 from emf_dist import storage
 from emf_dist.config import from_dict
 from emf_dist.ema import EMA
-from emf_dist.model import VelocityNet
+from emf_dist.model import ModelConfig, VelocityNet
 from emf_dist.train.checkpoint import load_checkpoint, save_checkpoint
 from emf_dist.train.config import TrainConfig
 from emf_dist.train.engine import build_engine
@@ -39,7 +39,10 @@ class TooManyBadSteps(RuntimeError):
 
 def load_parent(cfg: TrainConfig) -> VelocityNet:
     """The export a run starts from (cfg.init_from, a local folder or s3:// URL): meanflow_finetune's
-    flow-matching parent, meanflow_distill's MeanFlow model."""
+    flow-matching parent, meanflow_distill's MeanFlow model, or a pretrained diffusers transformer."""
+    if not isinstance(cfg.model, ModelConfig):
+        from emf_dist.train.pretrained import load_backbone_parent
+        return load_backbone_parent(cfg)
     from emf_dist.export import load_model
     with storage.local_folder(cfg.init_from) as folder:
         parent, _ = load_model(folder)
@@ -78,7 +81,7 @@ class Trainer:
         os.environ.setdefault("LOCAL_RANK", str(ctx.get_local_rank()))
         self.on_gpu = cfg.scaling.use_gpu and torch.cuda.is_available()
         self.device = ray.train.torch.get_device() if self.on_gpu else torch.device("cpu")
-        parent = load_parent(cfg) if cfg.starts_from_export else None
+        parent = load_parent(cfg) if cfg.init_from else None
         model = build_model(cfg, parent)
         self.ema = EMA(model, cfg.ema_decay)  # before ZeRO-3 partitions the parameters
         self.engine = build_engine(model.to(self.device), cfg, self.world, self.on_gpu)

@@ -1,0 +1,163 @@
+"""Training from a pretrained diffusers model: ``init_from`` names a pipeline folder (SANA, SD3)
+or a bare transformer folder.
+
+    mode: meanflow_finetune   EMF's conversion to the dual time embedding (equal to the parent at
+                              step 0), then EMF's freezing unless ``emf_freeze: false``; the
+                              unconverted parent is the teacher of ``objective.velocity: teacher``
+    mode: flow_matching       continued pretraining of the transformer as it is
+
+On the driver, before any worker starts: ``resolve_backbone`` reads only the transformer's
+config.json, refuses an unsupported class or mode, and makes the run's ``model`` section the
+backbone's BackboneConfig (so checkpoints' train_config.json and the export describe what
+trains); ``check_pipeline_parts`` compares the shards' text encoder and VAE with the pipeline's
+own; ``write_null_text`` stores the family's encoding of the empty prompt (the CFG null
+condition) in the run's folder, where every worker's ``load_backbone_parent`` reads it.
+
+A diffusers folder must be a local path that every worker sees (shared storage).
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+import json
+import os
+from dataclasses import replace
+
+from emf_dist import storage
+from emf_dist.backbones import BackboneConfig, DiffusersBackbone, is_diffusers_folder, load_diffusers_backbone
+from emf_dist.backbones.adapter import backbone_config
+from emf_dist.backbones.convert import convert_to_meanflow, freeze_for_emf_finetune
+from emf_dist.backbones.families import family_for
+from emf_dist.backbones.loading import transformer_folder
+from emf_dist.manifest import Manifest, read_manifest
+from emf_dist.text_encoder import PACKAGED_NAME, TextEncoder, weights_sha256
+from emf_dist.train.config import TrainConfig
+
+NULL_TEXT_FILE = "null_text.safetensors"
+
+
+def is_pretrained_folder(url: str) -> bool:
+    """A local diffusers pipeline or model folder (not one of our exports, which hold emf_model.json)."""
+    if not url or storage.is_remote(url):
+        return False
+    folder = storage.local_path(url)
+    return os.path.isdir(folder) and not os.path.isfile(os.path.join(folder, "emf_model.json")) \
+        and is_diffusers_folder(folder)
+
+
+def transformer_config(folder: str) -> dict:
+    """The transformer's config.json with the class's defaults for keys it leaves out; its class is
+    checked first, so an unsupported one fails here, naming the supported ones."""
+    model_dir, _ = transformer_folder(folder)
+    with open(os.path.join(model_dir, "config.json")) as f:
+        config = json.load(f)
+    family = family_for(config.get("_class_name", "<no _class_name>"))
+    import diffusers
+
+    signature = inspect.signature(getattr(diffusers, family.class_name).__init__).parameters.values()
+    defaults = {p.name: p.default for p in signature if p.default is not inspect.Parameter.empty}
+    return {**defaults, **config}
+
+
+def resolve_backbone(cfg: TrainConfig) -> TrainConfig:
+    """The run's config with ``model`` = the backbone that trains (and the pipeline's text encoder
+    when ``encoder.name`` is left at the default)."""
+    folder = storage.local_path(cfg.init_from)
+    if cfg.mode not in ("meanflow_finetune", "flow_matching"):
+        raise ValueError(f"init_from {cfg.init_from} is a diffusers folder: it starts mode meanflow_finetune "
+                         f"(EMF's conversion) or flow_matching (continued pretraining), not {cfg.mode}")
+    config = transformer_config(folder)
+    family = family_for(config["_class_name"])
+    problems = family.problems(config)
+    if problems:
+        raise ValueError(f"{family.class_name} in {folder} is not supported: " + "; ".join(problems))
+    time_embedding = "dual" if cfg.mode == "meanflow_finetune" else "single"
+    model = replace(backbone_config(family, config, time_embedding=time_embedding),
+                    checkpointing=cfg.model.checkpointing, input_size=_trained_size(cfg, config))
+    encoder = cfg.encoder
+    if encoder.name == PACKAGED_NAME and os.path.isdir(os.path.join(folder, "text_encoder")):
+        encoder = replace(encoder, name=os.path.abspath(folder))
+    return replace(cfg, model=model, encoder=encoder, init_from=os.path.abspath(folder))
+
+
+def _trained_size(cfg: TrainConfig, config: dict) -> int:
+    """The latent side of the dataset: the diffusers transformers take any multiple of their patch
+    size (a 1024 px SANA fine-tunes on 512 px latents); else the config's sample_size."""
+    try:
+        shape = read_manifest(cfg.data.url, storage.storage_options(cfg.data.url)).image.shape
+    except FileNotFoundError:
+        return config["sample_size"]
+    if len(shape) == 3 and shape[1] == shape[2] and shape[1] % config["patch_size"] == 0:
+        return shape[1]
+    return config["sample_size"]
+
+
+def check_pipeline_parts(cfg: TrainConfig, manifest: Manifest) -> None:
+    """The shards must be encoded by the pipeline's own text encoder and VAE (when it has them):
+    clear errors naming both sides."""
+    folder = cfg.init_from
+    text_encoder = os.path.join(folder, "text_encoder")
+    if os.path.isdir(text_encoder):
+        want, got = weights_sha256(text_encoder), manifest.encoder.get("weights_sha256")
+        if want != got:
+            raise ValueError(f"the shards at {cfg.data.url} were encoded by text encoder {manifest.encoder.get('path')} "
+                             f"(weights {str(got)[:12]}..), not by the model's ({text_encoder}, weights {want[:12]}..): "
+                             f"prepare the data with encoder.name={folder}")
+    vae = os.path.join(folder, "vae")
+    if os.path.isdir(vae):
+        if manifest.image.kind != "latent":
+            raise ValueError(f"the shards at {cfg.data.url} hold {manifest.image.kind} images; {folder} works on "
+                             f"latents of its VAE: prepare them with image.kind=latent image.vae={folder}")
+        from emf_dist.vae import check_vae, describe_vae, load_vae
+        check_vae(manifest.image.vae_info(), describe_vae(vae, load_vae(vae)),
+                  what_expected=f"the shards ({cfg.data.url})", what_actual=f"the model ({folder})")
+
+
+def null_text_url(cfg: TrainConfig) -> str:
+    return storage.join(cfg.storage_path, cfg.name, NULL_TEXT_FILE)
+
+
+def write_null_text(cfg: TrainConfig, encoder: TextEncoder) -> str:
+    """The family's encoding of "" at the training text length, for every worker's parent."""
+    from safetensors.torch import save
+
+    null = encoder.encode_null()
+    payload = save({"tokens": null.tokens[0].float(), "mask": null.mask[0], "pooled": null.pooled[0].float()})
+    url = null_text_url(cfg)
+    fs, path = storage.filesystem(url)
+    fs.makedirs(os.path.dirname(path), exist_ok=True)
+    fs.pipe(path, payload)
+    return url
+
+
+def read_null_text(cfg: TrainConfig) -> dict:
+    from safetensors.torch import load
+
+    url = null_text_url(cfg)
+    fs, path = storage.filesystem(url)
+    if not fs.exists(path):
+        raise FileNotFoundError(f"{url} is missing: the training driver writes the null condition there before "
+                                "the workers start (emf_dist.train.pretrained.write_null_text)")
+    return load(fs.cat_file(path))
+
+
+def load_backbone_parent(cfg: TrainConfig) -> DiffusersBackbone:
+    """The pretrained transformer as it is (the flow-matching parent), with the run's null condition."""
+    parent = load_diffusers_backbone(cfg.init_from, meanflow=False, use_text_mask=cfg.model.use_text_mask)
+    null = read_null_text(cfg)
+    parent.set_null_text(null["tokens"], null["mask"], null["pooled"] if cfg.model.pooled_dim else None)
+    return parent
+
+
+def build_backbone_model(cfg: TrainConfig, parent: DiffusersBackbone) -> DiffusersBackbone:
+    """meanflow_finetune: EMF's conversion (of a copy when the parent stays on as the teacher) and,
+    with ``emf_freeze``, EMF's freezing; flow_matching: the parent itself, every parameter trainable."""
+    if not isinstance(cfg.model, BackboneConfig):
+        raise TypeError("build_backbone_model needs a config resolved by resolve_backbone")
+    model = copy.deepcopy(parent) if cfg.objective.velocity == "teacher" else parent
+    if cfg.mode == "meanflow_finetune":
+        convert_to_meanflow(model)
+        if cfg.emf_freeze:
+            freeze_for_emf_finetune(model)
+    model.cfg.checkpointing, model.cfg.input_size = cfg.model.checkpointing, cfg.model.input_size
+    return model
