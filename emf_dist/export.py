@@ -2,14 +2,11 @@
 
     model.safetensors    the (EMA) weights; safetensors, so loading never unpickles code
     emf_model.json       model config, the text encoder's config and fingerprint, how to sample,
-<<<<<<< HEAD
-                         and the weights' size, sha256 and tensor shapes ("weights")
-=======
-                         and for a latent model the VAE (where it is, its fingerprint)
+                         the weights' size, sha256 and tensor shapes ("weights"), and for a latent
+                         model the VAE (where it is, its fingerprint)
 
 A pretrained diffusers backbone's export also holds its transformer in diffusers' own format
 (emf_dist/backbones/saving.py); model.safetensors then keeps only what that format has no place for.
->>>>>>> pretrained
 
 The folder is written under a temporary name and renamed into place, so a reader never sees
 a half-written export. Loading verifies the weights against "weights" first (emf_dist/weights.py):
@@ -33,11 +30,8 @@ from emf_dist.config import ConfigError, from_dict, to_dict
 from emf_dist.errors import InputError
 from emf_dist.model import ModelConfig, VelocityNet
 from emf_dist.text_encoder import TextEncoderConfig
-<<<<<<< HEAD
-from emf_dist.weights import WEIGHTS_KEY, verify_weights, weights_record
-=======
 from emf_dist.vae import VaeInfo
->>>>>>> pretrained
+from emf_dist.weights import WEIGHTS_KEY, verify_weights, weights_record
 
 FORMAT = "emf-dist-model"
 FORMAT_VERSION = 1
@@ -71,20 +65,15 @@ def export_model(model: VelocityNet | DiffusersBackbone, info: ExportInfo, out_d
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".export-", dir=parent)
     try:
-<<<<<<< HEAD
-        weights = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
-        save_file(weights, os.path.join(staging, WEIGHTS_FILE))
-        payload = {"format": FORMAT, "version": FORMAT_VERSION, **to_dict(info),
-                   WEIGHTS_KEY: weights_record(os.path.join(staging, WEIGHTS_FILE), weights)}
-=======
         if isinstance(model, DiffusersBackbone):
             from emf_dist.backbones.saving import save_backbone
             save_backbone(model, staging, scheduler_dir)
         else:
             weights = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
             save_file(weights, os.path.join(staging, WEIGHTS_FILE))
-        payload = {"format": FORMAT, "version": FORMAT_VERSION, **to_dict(info)}
->>>>>>> pretrained
+        weights_path = os.path.join(staging, WEIGHTS_FILE)
+        payload = {"format": FORMAT, "version": FORMAT_VERSION, **to_dict(info),
+                   WEIGHTS_KEY: weights_record(weights_path, load_file(weights_path))}
         with open(os.path.join(staging, INFO_FILE), "w") as f:
             json.dump(payload, f, indent=2)
         if os.path.exists(out_dir):
@@ -126,8 +115,11 @@ def read_export(model_dir: str | os.PathLike) -> tuple[ExportInfo, dict | None]:
         raise InputError(f"{info_path} is inconsistent:\n{err}") from None
 
 
-def expected_shapes(cfg: ModelConfig) -> dict[str, list[int]]:
-    """Tensor shapes of a model of this config, without allocating it."""
+def expected_shapes(cfg: ModelConfig | BackboneConfig) -> dict[str, list[int]] | None:
+    """Tensor shapes of a model of this config, without allocating it (None for a diffusers backbone,
+    whose model.safetensors holds only the parts diffusers' format has no place for)."""
+    if isinstance(cfg, BackboneConfig):
+        return None
     with torch.device("meta"):
         return {name: list(t.shape) for name, t in VelocityNet(cfg).state_dict().items()}
 
@@ -148,14 +140,9 @@ def load_model(model_dir: str | os.PathLike, device: str | torch.device = "cpu"
     """Rebuild the network from an export folder, in eval mode."""
     info = verify_export(model_dir)
     weights_path = os.path.join(model_dir, WEIGHTS_FILE)
-<<<<<<< HEAD
-=======
-    if not os.path.isfile(weights_path):
-        raise FileNotFoundError(f"{model_dir} has no {WEIGHTS_FILE}; the export is incomplete")
     if isinstance(info.model, BackboneConfig):
         from emf_dist.backbones.saving import load_backbone
         return load_backbone(str(model_dir), info.model).to(device), info
->>>>>>> pretrained
     model = VelocityNet(info.model)
     try:
         missing, unexpected = model.load_state_dict(load_file(weights_path), strict=False)

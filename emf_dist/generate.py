@@ -123,13 +123,9 @@ def generate_images(model: torch.nn.Module, encoder: TextEncoder, prompts: list[
     noise = torch.randn(len(prompts), cfg.in_channels, cfg.input_size, cfg.input_size, generator=generator)
     images = sample(model, noise.to(device), text.tokens.to(device), text.mask.to(device), text.pooled.to(device),
                     steps=steps, mean_flow=mean_flow, guidance_scale=guidance_scale)
-<<<<<<< HEAD
-    return finite_uint8(images)
-=======
     if vae is not None:
         images = decode_latents(vae[0], vae[1], images)
-    return to_uint8(images)
->>>>>>> pretrained
+    return finite_uint8(images)
 
 
 def generate_to_file(model_dir: str, prompts: list[str], out: str, *, steps: int | None = None, seed: int = 0,

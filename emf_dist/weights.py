@@ -39,9 +39,9 @@ def header_shapes(path: str) -> dict[str, list[int]]:
                          "copy the export folder again, or export the model again") from None
 
 
-def verify_weights(path: str, record: dict | None, expected: dict[str, list[int]], described_by: str) -> None:
+def verify_weights(path: str, record: dict | None, expected: dict[str, list[int]] | None, described_by: str) -> None:
     """Raise InputError naming ``path`` unless it matches ``record`` (when there is one) and its tensors
-    have the ``expected`` shapes (those of the model ``described_by`` describes)."""
+    have the ``expected`` shapes (those of the model ``described_by`` describes; None: not known ahead)."""
     damaged = (f"{path} is damaged: it does not match the record in {described_by} "
                "(copy the export folder again, or export the model again)")
     if record is not None:
@@ -49,7 +49,7 @@ def verify_weights(path: str, record: dict | None, expected: dict[str, list[int]
         if size != record["bytes"]:
             raise InputError(f"{damaged}: {size} bytes, recorded {record['bytes']}")
     shapes = header_shapes(path)
-    for wanted, what in ((record["shapes"] if record else shapes, "the shapes recorded"), (expected, "the model")):
+    for wanted, what in ((record["shapes"] if record else shapes, "the shapes recorded"), (expected or shapes, "the model")):
         diff = sorted(n for n in set(shapes) | set(wanted) if shapes.get(n) != wanted.get(n))
         if diff:
             raise InputError(f"{path} does not fit {what} in {described_by}: tensors "
