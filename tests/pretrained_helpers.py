@@ -33,7 +33,8 @@ def tiny_gemma(vocab_size: int, seed: int = 0):
 
     torch.manual_seed(seed)
     config = Gemma2Config(vocab_size=vocab_size, hidden_size=TEXT_DIM, intermediate_size=32, num_hidden_layers=2,
-                          num_attention_heads=2, num_key_value_heads=1, head_dim=8, pad_token_id=0)
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=8, pad_token_id=0,
+                          initializer_range=1.0)  # distinct token states: captions must tell apart
     return Gemma2Model(config).eval()
 
 
