@@ -8,6 +8,7 @@
     convert.py               convert_to_meanflow, freeze_for_emf_finetune
     attention_processors.py  processors whose attention has exact forward-mode tangents
     precision.py             float64-capable twins of diffusers' float32 islands (for oracles)
+    saving.py                a trained backbone as an export folder diffusers also reads
 """
 
 from emf_dist.backbones.adapter import BackboneConfig, DiffusersBackbone
