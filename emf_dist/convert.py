@@ -35,10 +35,14 @@ def freeze_for_emf_finetune(model: VelocityNet) -> list[str]:
     """EMF trains only the transformer blocks, both time embeddings and the final modulation
     table; everything else (patch embedding, text projections, output linear, null text) stays
     frozen. Returns the names of the trainable parameters."""
-    trainable_prefixes = ("blocks.", "t_end_embedder.", "t_interval_embedder.", "final.adaLN.")
+    return train_only(model, ("blocks.", "t_end_embedder.", "t_interval_embedder.", "final.adaLN."))
+
+
+def train_only(model: nn.Module, prefixes: tuple[str, ...]) -> list[str]:
+    """Freeze every parameter whose name starts with none of ``prefixes``; returns the trainable names."""
     names = []
     for name, param in model.named_parameters():
-        param.requires_grad_(name.startswith(trainable_prefixes))
+        param.requires_grad_(name.startswith(prefixes))
         if param.requires_grad:
             names.append(name)
     return names

@@ -8,9 +8,8 @@ modulation, the rest stays frozen.
 
 from __future__ import annotations
 
-import torch.nn as nn
-
 from emf_dist.backbones.adapter import DiffusersBackbone
+from emf_dist.convert import train_only
 
 
 def convert_to_meanflow(backbone: DiffusersBackbone) -> DiffusersBackbone:
@@ -32,14 +31,4 @@ def freeze_for_emf_finetune(backbone: DiffusersBackbone) -> list[str]:
     output linear. Returns the trainable parameter names."""
     if backbone.cfg.time_embedding != "dual":
         raise ValueError("freeze after convert_to_meanflow: the interval embedding must exist to be trained")
-    prefixes = tuple("transformer." + prefix for prefix in backbone.family.trainable_prefixes)
-    names = []
-    for name, param in backbone.named_parameters():
-        param.requires_grad_(name.startswith(prefixes))
-        if param.requires_grad:
-            names.append(name)
-    return names
-
-
-def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
-    return [p for p in model.parameters() if p.requires_grad]
+    return train_only(backbone, tuple("transformer." + prefix for prefix in backbone.family.trainable_prefixes))
