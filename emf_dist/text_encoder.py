@@ -5,7 +5,7 @@ Data prep encodes every caption once and stores the result in shards; training a
 numbers (weights, layer, pooling, length, padding side, dtype) goes into `fingerprint()`
 and `check_fingerprint` compares two of them with a message a user can act on.
 
-Stored layout (both backends): `tokens` is always [B, max_length, D]; positions where
+Stored layout (both backends): `tokens` is always [B, L, D] (L = max_length); positions where
 `mask` is False (padding) hold exact zeros. Zeros make shards independent of whatever a
 model computes at pad positions (with left padding a causal LLM can even produce NaN
 there) and let a consumer that ignores the mask still get a sane masked sum.
@@ -14,15 +14,16 @@ Nothing here touches the network: names are resolved to local folders (the packa
 MiniLM, a user folder, or a snapshot already in the Hugging Face cache) and loaded with
 `local_files_only=True`.
 
-A diffusers pipeline folder is a name too: its `text_encoder/` and `tokenizer/` are loaded and
-the pipeline's own prompt handling is applied (emf_dist/prompt_recipes.py: SANA's instruction
-prefix), so the states are the ones that pipeline feeds its transformer.
+A diffusers pipeline folder is a name too: its encoders are loaded and the pipeline's own prompt
+handling is applied (emf_dist/prompt_recipes.py), so the states are the ones that pipeline feeds its
+transformer. SANA's: `text_encoder/` and `tokenizer/` with its instruction prefix. SD3's: CLIP-L,
+CLIP-G and T5 joined as its pipeline does (emf_dist/sd3_text_encoders.py); there L is the CLIP
+length plus max_length (T5's), the pooled vector is the two CLIPs' (`pooled_dim` wide, not D), and
+the mask is all True: SD3 attends to every padded position, so they hold the states it computed.
 """
 from __future__ import annotations
 
-import hashlib
 import inspect
-import json
 import os
 from dataclasses import dataclass
 from typing import Literal, Sequence
@@ -30,14 +31,15 @@ from typing import Literal, Sequence
 import torch
 import torch.nn.functional as F
 
-from emf_dist.prompt_recipes import pipeline_class, pipeline_parts
+from emf_dist.prompt_recipes import SD3_PIPELINES, PromptRecipe, SD3Recipe, pipeline_class, pipeline_parts, recipe_for
+from emf_dist.sd3_text_encoders import SD3TextEncoders, encoder_hashes
+from emf_dist.weight_hash import weights_sha256
 
 PACKAGED_NAME = "minilm"
 _DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
 # Fields that say where the weights live, not what they are: the same weights copied to
 # another machine or named by hub id instead of folder must still match.
 _LOCATION_FIELDS = ("name", "path", "revision")
-_HASH_CACHE: dict[tuple, str] = {}
 
 
 @dataclass
@@ -53,6 +55,7 @@ class TextEncoderConfig:
     # sentence-transformers backend, which uses its own pooling module).
     pooling: Literal["mean", "last", "first"] = "mean"
     # L: token states are always padded/truncated to exactly this many tokens (special tokens included).
+    # For an SD3 pipeline folder it is T5's max_sequence_length, after the CLIP tokenizer's 77.
     max_length: int = 32
     # Which side gets the padding; decoder LLMs usually want "left". The transformers backend
     # counts positions from the first real token, so left and right give the same states.
@@ -61,6 +64,8 @@ class TextEncoderConfig:
     dtype: Literal["float16", "float32", "bfloat16"] = "float16"
     # L2-normalise the pooled vector (applied after the model's own normalisation, if any).
     normalize_pooled: bool = False
+    # SD3 pipeline folders only: the pipeline's clip_skip (None: the penultimate CLIP layer; k: k layers before it).
+    clip_skip: int | None = None
 
     def validate(self) -> list[str]:
         """Return the problems with this config as readable strings (empty list = valid)."""
@@ -79,14 +84,17 @@ class TextEncoderConfig:
         elif self.backend == "sentence-transformers" and self.layer != -1:
             problems.append("the sentence-transformers backend only exposes the last layer: "
                             "use layer=-1 or backend='transformers'")
+        if self.clip_skip is not None and (not isinstance(self.clip_skip, int) or isinstance(self.clip_skip, bool)
+                                           or self.clip_skip < 0):
+            problems.append(f"clip_skip must be null or an int >= 0, got {self.clip_skip!r}")
         return problems
 
 
 @dataclass
 class EncodedText:
     tokens: torch.Tensor     # [B, L, D] in cfg.dtype, zeros where mask is False
-    mask: torch.Tensor       # [B, L] bool, True = real token
-    pooled: torch.Tensor     # [B, D] in cfg.dtype
+    mask: torch.Tensor       # [B, L] bool, True = real token (SD3: every position the transformer attends to)
+    pooled: torch.Tensor     # [B, pooled_dim] in cfg.dtype (pooled_dim = D but for SD3)
     truncated: torch.Tensor  # [B] bool, True where the caption was longer than L tokens
 
 
@@ -126,40 +134,14 @@ def resolve_encoder_path(name: str) -> str:
     return name
 
 
-def _weight_files(folder: str) -> list[str]:
-    """Relative paths of the weight files a load reads: *.safetensors (else *.bin) at the top level
-    and in sentence-transformers module folders (e.g. 2_Dense). Exported copies in onnx/, openvino/
-    are skipped so that extra downloads do not change the hash."""
-    subdirs = [""]
-    modules_json = os.path.join(folder, "modules.json")
-    if os.path.isfile(modules_json):
-        with open(modules_json) as f:
-            subdirs += [m["path"] for m in json.load(f) if m.get("path")]
-    found = []
-    for sub in subdirs:
-        names = sorted(os.listdir(os.path.join(folder, sub))) if os.path.isdir(os.path.join(folder, sub)) else []
-        chosen = [n for n in names if n.endswith(".safetensors")] or [n for n in names if n.endswith(".bin")]
-        found += [os.path.join(sub, n) if sub else n for n in chosen]
-    return sorted(found)
-
-
-def weights_sha256(folder: str) -> str:
-    """sha256 over the weight files (name + bytes, sorted by name), cached per folder in-process."""
-    files = _weight_files(folder)
-    if not files:
-        raise ValueError(f"no *.safetensors or *.bin weight files in {folder}")
-    # size and mtime in the key: a folder overwritten in place is hashed again.
-    key = (os.path.realpath(folder),) + tuple((f, os.stat(os.path.join(folder, f)).st_size,
-                                               os.stat(os.path.join(folder, f)).st_mtime_ns) for f in files)
-    if key not in _HASH_CACHE:
-        h = hashlib.sha256()
-        for rel in files:
-            h.update(rel.replace(os.sep, "/").encode() + b"\0")
-            with open(os.path.join(folder, rel), "rb") as f:  # weights can be GBs: stream 1 MiB at a time
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    h.update(chunk)
-        _HASH_CACHE[key] = h.hexdigest()
-    return _HASH_CACHE[key]
+def pipeline_text_weights(folder: str) -> dict[str, str | None]:
+    """weights_sha256 of each text encoder a pipeline folder's own encoding uses, by component ({} for a
+    folder without text encoders); combined_sha256 of it is the fingerprint's weights_sha256."""
+    pipeline = pipeline_class(folder)
+    if pipeline in SD3_PIPELINES:
+        return encoder_hashes(folder, recipe_for(pipeline))
+    text_encoder = os.path.join(folder, "text_encoder")
+    return {"text_encoder": weights_sha256(text_encoder)} if os.path.isdir(text_encoder) else {}
 
 
 def _pool(states: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
@@ -185,12 +167,17 @@ class TextEncoder:
         self.source = resolve_encoder_path(cfg.name)
         self.folder = self.source if os.path.isdir(self.source) else _cached_snapshot(self.source)
         self._revision = None if os.path.isdir(self.source) else os.path.basename(self.folder)
-        self.tokenizer_folder, self.recipe = self.folder, None
-        if pipeline_class(self.folder) is not None:
-            self.folder, self.tokenizer_folder, self.recipe = pipeline_parts(self.folder)
-            if cfg.backend != "transformers" or cfg.padding_side != "right":
-                raise ValueError(f"{cfg.name} is a {self.recipe.pipeline} folder: its prompt recipe needs "
-                                 "backend 'transformers' and padding_side 'right' (as the pipeline pads)")
+        self._fingerprint: dict | None = None
+        # A single encoder (a transformers folder, or SANA's pipeline: recipe), or SD3's three (joint).
+        self.tokenizer_folder, self.recipe, self.joint = self.folder, None, None
+        recipe = self._pipeline_recipe()
+        if isinstance(recipe, SD3Recipe):
+            self.joint = SD3TextEncoders(self.folder, recipe, cfg.max_length, cfg.clip_skip, self.device)
+            self.dim = self.joint.dim
+            return
+        if recipe is not None:
+            self.recipe = recipe
+            self.folder, self.tokenizer_folder = pipeline_parts(self.folder, recipe)
         try:
             self._load()
         except (OSError, ValueError) as e:  # missing config.json, unknown architecture, ...
@@ -201,7 +188,35 @@ class TextEncoder:
                 raise ValueError(f"tokenizer of {cfg.name!r} has neither a pad nor an eos token to pad with")
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self._layer = self._probe()
-        self._fingerprint: dict | None = None
+
+    @property
+    def length(self) -> int:
+        """L of the token states: max_length, or for SD3 the CLIP length plus max_length (T5's)."""
+        return self.joint.length if self.joint is not None else self.cfg.max_length
+
+    @property
+    def pooled_dim(self) -> int:
+        return self.joint.pooled_dim if self.joint is not None else self.dim
+
+    def _pipeline_recipe(self) -> PromptRecipe | SD3Recipe | None:
+        """The prompt recipe of a pipeline folder (None for any other), with the settings it allows."""
+        cfg, pipeline = self.cfg, pipeline_class(self.folder)
+        recipe = None if pipeline is None else recipe_for(pipeline)
+        if cfg.clip_skip is not None and not isinstance(recipe, SD3Recipe):
+            raise ValueError(f"clip_skip applies to SD3 pipeline folders; {cfg.name} is not one: leave clip_skip "
+                             "null (pick the hidden state with layer)")
+        if recipe is None:
+            return None
+        if cfg.backend != "transformers" or cfg.padding_side != "right":
+            raise ValueError(f"{cfg.name} is a {pipeline} folder: its prompt recipe needs "
+                             "backend 'transformers' and padding_side 'right' (as the pipeline pads)")
+        fixed = [f for f, default in (("layer", -1), ("pooling", "mean"), ("normalize_pooled", False))
+                 if getattr(cfg, f) != default]
+        if isinstance(recipe, SD3Recipe) and fixed:
+            raise ValueError(f"{cfg.name} is a {pipeline} folder: its recipe fixes the states and pooled vector "
+                             f"(CLIP's penultimate layer and text embeddings, T5's last layer); leave "
+                             f"{', '.join(fixed)} at the default (clip_skip picks an earlier CLIP layer)")
+        return recipe
 
     def _load(self) -> None:
         if self.cfg.backend == "sentence-transformers":
@@ -298,12 +313,20 @@ class TextEncoder:
         dtype = _DTYPES[self.cfg.dtype]
         return states.to(dtype).cpu(), mask.cpu(), pooled.to(dtype).cpu(), self._truncated(captions, instruct)
 
+    def _batch(self, captions: list[str], null: bool = False) -> tuple[torch.Tensor, ...]:
+        """One batch, by the single encoder or SD3's three; ``null``: as the unconditional prompt."""
+        if self.joint is None:
+            self.model.eval()
+            return self._encode_batch(captions, instruct=not null)
+        states, mask, pooled, truncated = self.joint.encode(captions, null=null)
+        dtype = _DTYPES[self.cfg.dtype]
+        return states.to(dtype).cpu(), mask.cpu(), pooled.to(dtype).cpu(), truncated
+
     def encode_null(self) -> EncodedText:
         """The empty prompt as the model's unconditional input, [1, L, D]: what a pipeline feeds for
-        classifier-free guidance (SANA's without the instruction)."""
-        self.model.eval()
+        classifier-free guidance (SANA's without the instruction, SD3's negative prompt)."""
         with torch.inference_mode():
-            return EncodedText(*self._encode_batch([""], instruct=False))
+            return EncodedText(*self._batch([""], null=True))
 
     def encode(self, captions: Sequence[str], batch_size: int = 64) -> EncodedText:
         """Encode captions; results do not depend on batch_size (every row is padded to L)."""
@@ -315,17 +338,21 @@ class TextEncoder:
             raise TypeError(f"captions must be strings; index {bad[0]} is {type(captions[bad[0]]).__name__}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        L, dtype = self.cfg.max_length, _DTYPES[self.cfg.dtype]
+        L, dtype = self.length, _DTYPES[self.cfg.dtype]
         if not captions:
             return EncodedText(torch.zeros(0, L, self.dim, dtype=dtype), torch.zeros(0, L, dtype=torch.bool),
-                               torch.zeros(0, self.dim, dtype=dtype), torch.zeros(0, dtype=torch.bool))
-        self.model.eval()
+                               torch.zeros(0, self.pooled_dim, dtype=dtype), torch.zeros(0, dtype=torch.bool))
         with torch.inference_mode():
-            parts = [self._encode_batch(captions[i:i + batch_size]) for i in range(0, len(captions), batch_size)]
+            parts = [self._batch(captions[i:i + batch_size]) for i in range(0, len(captions), batch_size)]
         return EncodedText(*(torch.cat(p) for p in zip(*parts)))
 
     def fingerprint(self) -> dict:
         """JSON-serialisable identity of this encoder; store it next to encoded captions."""
+        if self._fingerprint is None and self.joint is not None:
+            self._fingerprint = {"name": self.cfg.name, "path": self.source, "revision": self._revision,
+                                 "backend": self.cfg.backend, "max_length": self.cfg.max_length,
+                                 "padding_side": self.cfg.padding_side, "dtype": self.cfg.dtype,
+                                 **self.joint.fingerprint()}
         if self._fingerprint is None:
             self._fingerprint = {
                 "name": self.cfg.name,

@@ -69,7 +69,7 @@ def load_vae(path: str, device: str = "cpu") -> Any:
 
 def describe_vae(path: str, vae: Any, scale_override: float | None = None) -> VaeInfo:
     """What identifies the loaded ``vae`` of ``path`` and how latents are normalised."""
-    from emf_dist.text_encoder import weights_sha256
+    from emf_dist.weight_hash import weights_sha256
 
     folder = vae_folder(path)
     scale = scale_override if scale_override is not None else getattr(vae.config, "scaling_factor", None)
