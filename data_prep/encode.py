@@ -58,7 +58,7 @@ def describe_models(cfg: PrepConfig) -> dict:
     "dtypes", "image": ImageSpec as a dict}. Runs as a Ray task with an encoder actor's resources."""
     device = _device(cfg.ray.encoder_gpus)
     encoder = TextEncoder(cfg.encoder, device)
-    L, D = cfg.encoder.max_length, encoder.dim
+    L, D, P = encoder.length, encoder.dim, encoder.pooled_dim  # SD3: L and P are not max_length and D
     image = cfg.image
     spec = ImageSpec(kind=image.kind, resolution=image.resolution, shape=[3, image.resolution, image.resolution])
     dtypes = {"tokens": cfg.encoder.dtype, "mask": "bool", "pooled": cfg.encoder.dtype, "image": "uint8"}
@@ -70,5 +70,5 @@ def describe_models(cfg: PrepConfig) -> dict:
         spec.scale_factor, spec.shift_factor = info.scaling_factor, info.shift_factor
         spec.vae, spec.vae_sha256, spec.vae_class = info.source, info.sha256, info.class_name
         dtypes["image"] = "float16"
-    return {"encoder": encoder.fingerprint(), "text_shapes": {"tokens": [L, D], "mask": [L], "pooled": [D]},
+    return {"encoder": encoder.fingerprint(), "text_shapes": {"tokens": [L, D], "mask": [L], "pooled": [P]},
             "dtypes": dtypes, "image": spec}

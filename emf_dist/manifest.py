@@ -158,12 +158,16 @@ def check_shard_files(manifest: Manifest, dataset_url: str, storage_options: dic
 
 
 def check_compatible(manifest: Manifest, *, text_dim: int, text_length: int | None, in_channels: int,
-                     input_size: int, where: str) -> None:
-    """Raise ValueError naming both sides when shards cannot feed a model of this shape."""
+                     input_size: int, where: str, pooled_dim: int | None = None) -> None:
+    """Raise ValueError naming both sides when shards cannot feed a model of this shape
+    (``pooled_dim`` None: the pooled vector is not checked)."""
     problems = []
     tokens = manifest.text_shapes.get("tokens", [])
     if len(tokens) != 2 or tokens[1] != text_dim:
         problems.append(f"token states are {tokens} but the model's text_dim is {text_dim}")
+    pooled = manifest.text_shapes.get("pooled", [])
+    if pooled_dim is not None and pooled != [pooled_dim]:
+        problems.append(f"pooled vectors are {pooled} but the model takes [{pooled_dim}]")
     if text_length is not None and tokens and tokens[0] != text_length:
         problems.append(f"token length is {tokens[0]} but the config asks for {text_length}")
     shape = manifest.image.shape

@@ -15,7 +15,8 @@ True. A pipeline folder saved without ``text_encoder_3`` gets the pipeline's own
 the transformer's ``joint_attention_dim`` in place of T5's states.
 
 The unconditional prompt "" is the pipeline's negative prompt: ``encode_prompt`` encodes it with
-``clip_skip=None`` whatever ``clip_skip`` the captions get, so it is always the penultimate layer.
+``clip_skip=None`` whatever ``clip_skip`` the captions get, so it is always the penultimate layer
+(docs/findings.md §15).
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ import pytest
 
 from emf_app.cli import main
 from emf_dist.config import ConfigError, from_dict
-from emf_dist.manifest import ImageSpec, Manifest, ShardEntry
+from emf_dist.manifest import ImageSpec, Manifest, ShardEntry, check_compatible, read_manifest
 from emf_dist.text_encoder import TextEncoder, TextEncoderConfig
 from emf_dist.train.config import TrainConfig
 from emf_dist.train.driver import check_data
@@ -67,6 +67,11 @@ def test_shape_mismatch_between_shards_and_model(tmp_path):
     url = write_manifest(tmp_path, fingerprint, image=(3, 64, 64))
     with pytest.raises(ValueError, match=r"images/latents are \[3, 64, 64\] but the model takes \[3, 32, 32\]"):
         check_data(config(data={"url": url}))
+    # A backbone with pooled text (SD3) checks the pooled width too; None: not checked.
+    manifest = read_manifest(url)
+    check_compatible(manifest, text_dim=384, text_length=8, in_channels=3, input_size=64, where=url, pooled_dim=None)
+    with pytest.raises(ValueError, match=r"pooled vectors are \[384\] but the model takes \[16\]"):
+        check_compatible(manifest, text_dim=384, text_length=8, in_channels=3, input_size=64, where=url, pooled_dim=16)
 
 
 def test_missing_manifest_is_a_clear_cli_error(tmp_path, capsys):

@@ -74,8 +74,11 @@ def check_data(cfg: TrainConfig) -> tuple[Manifest, TextEncoder]:
     """Manifest shapes vs the model, shard encoder vs the configured encoder: clear errors, both sides named."""
     manifest = read_manifest(cfg.data.url, storage.storage_options(cfg.data.url))
     check_shard_files(manifest, cfg.data.url, storage.storage_options(cfg.data.url))
+    # A backbone with pooled text (SD3) takes vectors of its own size; SANA takes none.
+    pooled_dim = (cfg.model.pooled_dim or None) if isinstance(cfg.model, BackboneConfig) else None
     check_compatible(manifest, text_dim=cfg.model.text_dim, text_length=cfg.data.text_length,
-                     in_channels=cfg.model.in_channels, input_size=cfg.model.input_size, where=cfg.data.url)
+                     in_channels=cfg.model.in_channels, input_size=cfg.model.input_size, where=cfg.data.url,
+                     pooled_dim=pooled_dim)
     if isinstance(cfg.model, BackboneConfig):
         from emf_dist.train.pretrained import check_pipeline_parts
         check_pipeline_parts(cfg, manifest)

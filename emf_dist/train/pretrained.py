@@ -9,7 +9,7 @@ or a bare transformer folder.
 On the driver, before any worker starts: ``resolve_backbone`` reads only the transformer's
 config.json, refuses an unsupported class or mode, and makes the run's ``model`` section the
 backbone's BackboneConfig (so checkpoints' train_config.json and the export describe what
-trains); ``check_pipeline_parts`` compares the shards' text encoder and VAE with the pipeline's
+trains); ``check_pipeline_parts`` compares the shards' text encoders and VAE with the pipeline's
 own; ``write_null_text`` stores the family's encoding of the empty prompt (the CFG null
 condition) in the run's folder, where every worker's ``load_backbone_parent`` reads it.
 
@@ -30,8 +30,9 @@ from emf_dist.backbones.convert import convert_to_meanflow, freeze_for_emf_finet
 from emf_dist.backbones.families import family_for
 from emf_dist.backbones.loading import transformer_folder
 from emf_dist.manifest import Manifest, read_manifest
-from emf_dist.text_encoder import PACKAGED_NAME, TextEncoder, weights_sha256
+from emf_dist.text_encoder import PACKAGED_NAME, TextEncoder, pipeline_text_weights
 from emf_dist.train.config import TrainConfig
+from emf_dist.weight_hash import combined_sha256
 
 NULL_TEXT_FILE = "null_text.safetensors"
 
@@ -93,16 +94,10 @@ def _trained_size(cfg: TrainConfig, config: dict) -> int:
 
 
 def check_pipeline_parts(cfg: TrainConfig, manifest: Manifest) -> None:
-    """The shards must be encoded by the pipeline's own text encoder and VAE (when it has them):
+    """The shards must be encoded by the pipeline's own text encoders and VAE (when it has them):
     clear errors naming both sides."""
     folder = cfg.init_from
-    text_encoder = os.path.join(folder, "text_encoder")
-    if os.path.isdir(text_encoder):
-        want, got = weights_sha256(text_encoder), manifest.encoder.get("weights_sha256")
-        if want != got:
-            raise ValueError(f"the shards at {cfg.data.url} were encoded by text encoder {manifest.encoder.get('path')} "
-                             f"(weights {str(got)[:12]}..), not by the model's ({text_encoder}, weights {want[:12]}..): "
-                             f"prepare the data with encoder.name={folder}")
+    check_text_weights(folder, manifest, cfg.data.url)
     vae = os.path.join(folder, "vae")
     if os.path.isdir(vae):
         if manifest.image.kind != "latent":
@@ -111,6 +106,23 @@ def check_pipeline_parts(cfg: TrainConfig, manifest: Manifest) -> None:
         from emf_dist.vae import check_vae, describe_vae, load_vae
         check_vae(manifest.image.vae_info(), describe_vae(vae, load_vae(vae)),
                   what_expected=f"the shards ({cfg.data.url})", what_actual=f"the model ({folder})")
+
+
+def check_text_weights(folder: str, manifest: Manifest, data_url: str) -> None:
+    """The shards' encoder weights (all of SD3's three) must be the pipeline folder's own; the error
+    names the parts that differ."""
+    own = pipeline_text_weights(folder)
+    if not own:
+        return
+    want, got = combined_sha256(own), manifest.encoder.get("weights_sha256")
+    if want == got:
+        return
+    recorded = manifest.encoder.get("text_encoders") or {}  # per part, in shards of a multi-encoder pipeline
+    differ = [name for name, sha in own.items() if name not in recorded or recorded[name] != sha]
+    parts = ", ".join(os.path.join(folder, name) for name in differ)
+    raise ValueError(f"the shards at {data_url} were encoded by text encoder {manifest.encoder.get('path')} "
+                     f"(weights {str(got)[:12]}..), not by the model's ({parts}, weights {want[:12]}..): "
+                     f"prepare the data with encoder.name={folder}")
 
 
 def null_text_url(cfg: TrainConfig) -> str:
