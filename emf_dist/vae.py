@@ -111,6 +111,17 @@ def decode_latents(vae: Any, info: VaeInfo, latents):
         return vae.decode(z).sample.float().clamp(-1, 1)
 
 
+def spatial_compression(vae: Any) -> int:
+    """Pixels per latent cell along a side, as diffusers' pipelines compute it (their vae_scale_factor):
+    one halving per encoder stage after the first."""
+    config = vae.config
+    stages = config.get("encoder_block_out_channels") or config.get("block_out_channels")  # DC-AE, KL
+    if not stages:
+        raise ValueError(f"cannot tell the compression of a {type(vae).__name__}: its config names no block "
+                         "output channels")
+    return 2 ** (len(stages) - 1)
+
+
 def check_vae(expected: VaeInfo | dict, actual: VaeInfo | dict, *, what_expected: str, what_actual: str) -> None:
     """Raise ValueError naming both autoencoders (folder, class, hash) when their weights or
     normalisation differ; the folders may differ (a copy on another machine)."""
