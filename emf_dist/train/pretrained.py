@@ -156,16 +156,15 @@ def check_export_parts(cfg: TrainConfig, manifest: Manifest) -> None:
     export records the shards' VAE: both must be the export's own."""
     with storage.local_folder(cfg.init_from, only=(INFO_FILE,)) as folder:
         parent = read_export_info(folder)
-    check_fingerprint(parent.encoder_fingerprint, manifest.encoder, what_expected=f"the teacher ({cfg.init_from})",
-                      what_actual=f"the shards ({cfg.data.url})")
+    teacher, shards = f"the teacher at {cfg.init_from}", f"the shards at {cfg.data.url}"
+    check_fingerprint(parent.encoder_fingerprint, manifest.encoder, what_expected=teacher, what_actual=shards)
     if parent.vae is not None:
         from emf_dist.vae import check_vae
         if manifest.image.kind != "latent":
             raise ValueError(f"the shards at {cfg.data.url} hold {manifest.image.kind} images; {cfg.init_from} works "
                              f"on latents of {parent.vae.source}: prepare them with image.kind=latent "
                              f"image.vae={parent.vae.source}")
-        check_vae(parent.vae, manifest.image.vae_info(), what_expected=f"the teacher ({cfg.init_from})",
-                  what_actual=f"the shards ({cfg.data.url})")
+        check_vae(parent.vae, manifest.image.vae_info(), what_expected=teacher, what_actual=shards)
 
 
 def check_pipeline_parts(cfg: TrainConfig, manifest: Manifest) -> None:
