@@ -1,5 +1,5 @@
 """A diffusers pipeline folder on object storage as init_from (and as the text encoder and VAE it
-names): a tiny random SANA pipeline (tests/pretrained_helpers.py) on a real S3 API server
+names, in training and in prep): a tiny random SANA pipeline (tests/pretrained_helpers.py) on a real S3 API server
 (tests/s3_server.py), copied once per node into the cache keyed by its listing
 (emf_dist/folder_cache.py), never mistaken for a copy after a crashed download."""
 
@@ -11,6 +11,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -21,7 +22,7 @@ from emf_dist.train.config import TrainConfig
 from emf_dist.train.driver import resolve_model
 from emf_dist.train.pretrained import export_parent, load_backbone_parent, write_null_text
 from emf_dist.vae import describe_vae, load_vae
-from tests.pretrained_helpers import TEXT_LENGTH, tiny_sana, write_sana_pipeline
+from tests.pretrained_helpers import RESOLUTION, TEXT_LENGTH, tiny_sana, write_sana_pipeline
 from tests.s3_server import s3_server
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -151,3 +152,30 @@ def test_credentials_in_the_url_are_refused_and_never_echoed(s3, tmp_path, cache
     with pytest.raises(ValueError, match="carries credentials") as err:
         local_copy(f"s3://AKIDEXAMPLE:{SECRET}@{BUCKET}/team/sana-pipeline")
     assert SECRET not in str(err.value) and not cache.exists()
+
+
+def test_prep_encodes_with_the_pipeline_on_s3_as_with_the_local_folder(s3, cache):
+    from data_prep.config import PrepConfig
+    from data_prep.encode import ShardEncoder, describe_models
+    from data_prep.images import ImageConfig
+    from data_prep.shard import ShardBatch
+    from emf_dist.text_encoder import TextEncoderConfig
+
+    _, local = s3
+    images = np.random.default_rng(0).integers(0, 256, (2, RESOLUTION, RESOLUTION, 3), dtype=np.uint8)
+    out = {}
+    for where, name in (("s3", URL), ("local", str(local))):
+        cfg = from_dict(PrepConfig, {"encoder": {"name": name, "max_length": TEXT_LENGTH},
+                                     "image": {"kind": "latent", "vae": name, "resolution": RESOLUTION}}, validate=True)
+        described = describe_models(cfg)
+        encoder = ShardEncoder(TextEncoderConfig(name=name, max_length=TEXT_LENGTH), 2,
+                               ImageConfig(kind="latent", vae=name, resolution=RESOLUTION), threads=1, gpus=0)
+        shard = encoder.encode(ShardBatch(index=0, version=1, plan_id="p", keys=["a", "b"], captions=["a red circle", "a blue square"],
+                                          images=images.copy()))
+        out[where] = described, shard
+    (remote, remote_shard), (here, here_shard) = out["s3"], out["local"]
+    assert remote["image"].vae == f"{URL}/vae"  # the manifest names what every machine reads
+    assert (remote["image"].vae_sha256, remote["encoder"]["weights_sha256"]) == (
+        here["image"].vae_sha256, here["encoder"]["weights_sha256"])
+    np.testing.assert_array_equal(remote_shard.tokens, here_shard.tokens)
+    np.testing.assert_array_equal(remote_shard.latents, here_shard.latents)

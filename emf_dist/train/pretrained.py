@@ -9,8 +9,8 @@ or a bare transformer folder, local or on object storage (s3://bucket/prefix/pip
 On the driver, before any worker starts: ``resolve_backbone`` reads only the transformer's
 config.json, refuses an unsupported class or mode, and makes the run's ``model`` section the
 backbone's BackboneConfig (so checkpoints' train_config.json and the export describe what
-trains); ``check_pipeline_parts`` compares the shards' text encoder and VAE with the pipeline's
-own; ``write_null_text`` stores the family's encoding of the empty prompt (the CFG null
+trains); ``check_parent_parts`` compares the shards' text encoder and VAE with the pipeline's
+own (or with those a backbone export records); ``write_null_text`` stores the family's encoding of the empty prompt (the CFG null
 condition) in the run's folder, where every worker's ``load_backbone_parent`` reads it.
 
 A folder on object storage is copied once per node into a cache keyed by its listing
