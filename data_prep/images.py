@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from emf_dist.manifest import IMAGE_MEMBERS
+from emf_dist.storage import is_remote
 
 
 @dataclass
@@ -22,8 +23,8 @@ class ImageConfig:
     kind: Literal["png", "uint8", "latent"] = "png"
     # Images are resized (shorter side) and center-cropped to this square size.
     resolution: int = 32
-    # latent: a local folder holding a diffusers AutoencoderKL or AutoencoderDC (config.json +
-    # weights), or a diffusers pipeline folder (its vae/ is used).
+    # latent: a folder, local or s3://..., holding a diffusers AutoencoderKL or AutoencoderDC
+    # (config.json + weights), or a diffusers pipeline folder (its vae/ is used).
     vae: str | None = None
     # latent: multiply latents by this; None takes the VAE config's scaling_factor (its
     # shift_factor, if any, is always subtracted first).
@@ -40,7 +41,8 @@ class ImageConfig:
         if self.kind == "latent" and not self.vae:
             problems.append("kind 'latent' needs vae: a folder holding a diffusers AutoencoderKL or "
                             "AutoencoderDC, or a diffusers pipeline folder")
-        if self.kind == "latent" and self.vae and not os.path.isdir(os.path.expanduser(self.vae)):
+        if self.kind == "latent" and self.vae and not is_remote(self.vae) \
+                and not os.path.isdir(os.path.expanduser(self.vae)):
             problems.append(f"vae {self.vae!r} is not a folder (save one with the autoencoder's save_pretrained)")
         if self.kind != "latent" and self.vae:
             problems.append(f"vae is set but kind is {self.kind!r}: use kind=latent to store latents")

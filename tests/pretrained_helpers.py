@@ -79,3 +79,28 @@ def write_sana_pipeline(folder: Path, seed: int = 0, *, gemma_seed: int | None =
              "scheduler": ["diffusers", "DPMSolverMultistepScheduler"]}
     (folder / "model_index.json").write_text(json.dumps(index))
     return folder
+
+
+def trained_backbone(tmp_path: Path, pipeline: Path, mode: str):
+    """(model, encoder, ExportInfo) of a backbone as a run from ``pipeline`` builds it, with every
+    weight (the interval embedder too) moved off its start: what an export of a trained run holds."""
+    from emf_dist.config import from_dict
+    from emf_dist.export import ExportInfo, SamplingInfo
+    from emf_dist.text_encoder import TextEncoder
+    from emf_dist.train.config import TrainConfig
+    from emf_dist.train.driver import resolve_model
+    from emf_dist.train.pretrained import load_backbone_parent, write_null_text
+    from emf_dist.train.setup import build_model
+    from emf_dist.vae import describe_vae, load_vae
+
+    cfg = from_dict(TrainConfig, {"mode": mode, "init_from": str(pipeline), "data": {"url": str(tmp_path / "none")},
+                                  "storage_path": str(tmp_path / "runs"), "encoder": {"max_length": TEXT_LENGTH}},
+                    validate=True)
+    cfg = resolve_model(cfg)
+    encoder = TextEncoder(cfg.encoder)
+    write_null_text(cfg, encoder)
+    model = randomised(build_model(cfg, load_backbone_parent(cfg)), seed=3)
+    info = ExportInfo(model=cfg.model, text_encoder=cfg.encoder, encoder_fingerprint=encoder.fingerprint(),
+                      sampling=SamplingInfo(mean_flow=mode != "flow_matching"),
+                      vae=describe_vae(str(pipeline), load_vae(str(pipeline))))
+    return model.eval(), encoder, info

@@ -14,7 +14,7 @@ from emf_dist.convert import meanflow_from_flow_matching
 from emf_dist.eval.benchmark import BenchmarkConfig, prompt_set, run_benchmark, score_images
 from emf_dist.eval.export_layouts import export_dpg, export_geneval, scene_geneval_metadata, score_geneval_folder
 from emf_dist.eval.report import write_report
-from emf_dist.eval.sampling import fixed_noise
+from emf_dist.eval.sampling import EvalModel, fixed_noise
 from emf_dist.export import ExportInfo, SamplingInfo, export_model, load_model
 from emf_dist.generate import load_encoder_for, save_png
 from emf_dist.model import ModelConfig, VelocityNet
@@ -98,7 +98,7 @@ def test_held_out_pairs_are_scored_apart_and_the_same_seed_gives_the_same_images
     encoder = load_encoder_for(info, models["model"])
     cfg = BenchmarkConfig(prompts_per_task=1, images_per_prompt=2, holdout=("red triangle", "blue circle"),
                           holdout_prompts_per_task=1, meanflow_steps=(1, 2), calibration_scenes=0, progress=False)
-    first = run_benchmark({"meanflow": (net, info, encoder)}, cfg, keep_images=True)
+    first = run_benchmark({"meanflow": EvalModel(net, info, encoder)}, cfg, keep_images=True)
     held = [p for p in first.prompts if p.heldout]
     assert len(held) == 6 and len(first.prompts) == 12
     for p in held:
@@ -107,7 +107,7 @@ def test_held_out_pairs_are_scored_apart_and_the_same_seed_gives_the_same_images
         if not p.heldout:
             assert not {(o["color"], o["shape"]) for o in p.scene.objects} & {("red", "triangle"), ("blue", "circle")}
     assert all(s.heldout_overall is not None and set(s.heldout_tasks) == set(cfg.tasks) for s in first.samplers)
-    again = run_benchmark({"meanflow": (net, info, encoder)}, cfg, keep_images=True)
+    again = run_benchmark({"meanflow": EvalModel(net, info, encoder)}, cfg, keep_images=True)
     assert all(np.array_equal(first.generated[k], again.generated[k]) for k in first.generated)
     assert not np.array_equal(first.generated["meanflow-1step"], first.generated["meanflow-2step"])
 
@@ -117,7 +117,7 @@ def test_prompts_longer_than_the_encoder_takes_are_counted_and_named_in_the_repo
     encoder = TextEncoder(replace(info.text_encoder, max_length=9))
     cfg = BenchmarkConfig(prompts_per_task=2, images_per_prompt=2, meanflow_steps=(1,), calibration_scenes=0,
                           progress=False)
-    result = run_benchmark({"meanflow": (net, info, encoder)}, cfg)
+    result = run_benchmark({"meanflow": EvalModel(net, info, encoder)}, cfg)
     # The oracle: the tokenizer's own count, special tokens included.
     cut = [p.scene.caption for p in result.prompts if len(encoder.tokenizer(p.scene.caption)["input_ids"]) > 9]
     assert 0 < len(cut) < len(result.prompts)
@@ -127,7 +127,7 @@ def test_prompts_longer_than_the_encoder_takes_are_counted_and_named_in_the_repo
     report = (tmp_path / "report.md").read_text()
     assert f"{len(cut)} of {len(result.prompts)} prompts are longer than meanflow's text encoder takes" in report
     assert all(caption in report for caption in cut)
-    whole = run_benchmark({"meanflow": (net, info, TextEncoder(replace(info.text_encoder, max_length=40)))}, cfg)
+    whole = run_benchmark({"meanflow": EvalModel(net, info, TextEncoder(replace(info.text_encoder, max_length=40)))}, cfg)
     assert whole.truncated_prompts == {}
     write_report(str(tmp_path / "whole"), benchmark=whole)
     assert "longer than" not in (tmp_path / "whole" / "report.md").read_text()

@@ -3,11 +3,14 @@ pipeline folder (tests/pretrained_helpers.py):
 
     emf prep (the pipeline's Gemma-2 text states + DC-AE latents) -> emf train mode=meanflow_finetune
     init_from=PIPELINE (2 workers) -> export -> emf generate (a decoded PNG)
+    -> emf train mode=meanflow_distill init_from=that export -> export -> emf generate
 
 One local Ray instance, one pipeline folder and one prepared dataset serve the module (as in
 tests/test_train_distributed.py); every run is 2 workers on gloo.
 """
 from __future__ import annotations
+
+from dataclasses import replace
 
 import pytest
 import torch
@@ -15,10 +18,12 @@ from PIL import Image
 
 from emf_app.cli import main as emf
 from emf_dist.config import from_dict
+from emf_dist.export import load_model, read_export_info
 from emf_dist.manifest import read_manifest
 from emf_dist.train.checkpoint import consolidated_weights
 from emf_dist.train.config import TrainConfig
-from emf_dist.train.driver import train
+from emf_dist.train.driver import resolve_model, train
+from emf_dist.train.pretrained import check_export_parts
 from tests.pretrained_helpers import (
     LATENT_CHANNELS,
     LATENT_SIDE,
@@ -121,3 +126,42 @@ def test_shards_of_another_encoder_or_vae_are_refused_before_workers_start(datas
     with pytest.raises(ValueError, match=message):
         train(run_config(*run_overrides(dataset, other, tmp_path, "refused")))
     assert not (tmp_path / "refused").exists()  # nothing started, nothing written
+
+
+def distill_overrides(dataset, storage, export, name) -> list[str]:
+    return [f"name={name}", f"storage_path={storage}", "mode=meanflow_distill", f"init_from={export}",
+            f"data.url={dataset}", "data.loader_workers=0", "data.shuffle_buffer=4", f"encoder.max_length={TEXT_LENGTH}",
+            "distill.teacher_steps=2", "steps=2", "micro_batch=2", "checkpoint_every=2", "optim.lr=1e-3",
+            "optim.warmup_steps=1", "logging.every=2", "logging.wandb=disabled"]
+
+
+def test_distilling_the_fine_tuned_sana_export_on_workers_exports_a_backbone(zero0_run, dataset, pipeline, tmp_path):
+    teacher = zero0_run / "export"
+    assert emf(["train", *distill_overrides(dataset, tmp_path, teacher, "sana-distill")]) == 0
+    export = tmp_path / "sana-distill" / "export"
+    info, parent = read_export_info(export), read_export_info(teacher)
+    assert info.model == parent.model and info.training["mode"] == "meanflow_distill"
+    assert (info.text_encoder.name, info.vae) == (str(pipeline), parent.vae)
+    assert (export / "scheduler" / "scheduler_config.json").is_file()
+    assert not (tmp_path / "sana-distill" / "null_text.safetensors").exists()  # the export's own null condition
+    student, _ = load_model(export)
+    before = load_model(teacher)[0].state_dict()
+    moved = [k for k, v in student.state_dict().items() if not torch.equal(v, before[k])]
+    assert any("transformer_blocks" in k for k in moved) and any("interval_embedder" in k for k in moved)
+    out = tmp_path / "one.png"
+    assert emf(["generate", "a red circle", "--model", str(export), "--out", str(out)]) == 0
+    assert Image.open(out).size == (RESOLUTION, RESOLUTION)
+
+
+def test_distillation_refuses_shards_of_another_text_encoder_or_vae(zero0_run, dataset, tmp_path):
+    cfg = resolve_model(run_config(*distill_overrides(dataset, tmp_path, zero0_run / "export", "refused")))
+    manifest = read_manifest(dataset)
+    other_text = replace(manifest, encoder={**manifest.encoder, "weights_sha256": "0" * 64})
+    with pytest.raises(ValueError, match=r"text encoder mismatch between the teacher at .*export and the shards "
+                                         r"at .*: weights_sha256"):
+        check_export_parts(cfg, other_text)
+    other_vae = replace(manifest, image=replace(manifest.image, vae_sha256="0" * 64))
+    with pytest.raises(ValueError, match=r"VAE mismatch between the teacher at .*export \(.*pipeline/vae\) and the "
+                                         r"shards at .*: sha256"):
+        check_export_parts(cfg, other_vae)
+    check_export_parts(cfg, manifest)

@@ -8,17 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-from emf_dist.config import from_dict
-from emf_dist.export import ExportInfo, SamplingInfo, export_model, load_model, read_export_info
+from emf_dist.export import export_model, load_model, read_export_info
 from emf_dist.generate import generate_to_file
-from emf_dist.text_encoder import TextEncoder
-from emf_dist.train.config import TrainConfig
-from emf_dist.train.driver import resolve_model
-from emf_dist.train.pretrained import load_backbone_parent, write_null_text
-from emf_dist.train.setup import build_model
-from emf_dist.vae import describe_vae, load_vae
-from tests.helpers import randomised
-from tests.pretrained_helpers import LATENT_SIDE, RESOLUTION, TEXT_LENGTH, write_sana_pipeline
+from emf_dist.vae import load_vae
+from tests.pretrained_helpers import LATENT_SIDE, RESOLUTION, TEXT_LENGTH, trained_backbone, write_sana_pipeline
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -26,21 +19,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
     return write_sana_pipeline(tmp_path_factory.mktemp("sana") / "pipeline")
-
-
-def trained(tmp_path, pipeline, mode):
-    """A backbone as a run builds it, with every weight (the interval embedder too) moved off its start."""
-    cfg = from_dict(TrainConfig, {"mode": mode, "init_from": str(pipeline), "data": {"url": str(tmp_path / "none")},
-                                  "storage_path": str(tmp_path / "runs"), "encoder": {"max_length": TEXT_LENGTH}},
-                    validate=True)
-    cfg = resolve_model(cfg)
-    encoder = TextEncoder(cfg.encoder)
-    write_null_text(cfg, encoder)
-    model = randomised(build_model(cfg, load_backbone_parent(cfg)), seed=3)
-    info = ExportInfo(model=cfg.model, text_encoder=cfg.encoder, encoder_fingerprint=encoder.fingerprint(),
-                      sampling=SamplingInfo(mean_flow=mode != "flow_matching"),
-                      vae=describe_vae(str(pipeline), load_vae(str(pipeline))))
-    return model.eval(), encoder, info
 
 
 def inputs(encoder):
@@ -54,7 +32,7 @@ def inputs(encoder):
 def test_the_export_reloads_without_the_parent_and_diffusers_loads_its_transformer(tmp_path, pipeline, mode):
     from diffusers import SanaTransformer2DModel
 
-    model, encoder, info = trained(tmp_path, pipeline, mode)
+    model, encoder, info = trained_backbone(tmp_path, pipeline, mode)
     folder = export_model(model, info, tmp_path / "export", scheduler_dir=str(pipeline / "scheduler"))
     parent = tmp_path / "parent-away"
     shutil.copytree(pipeline / "transformer", parent)
@@ -81,7 +59,7 @@ def test_generate_decodes_the_samples_through_the_recorded_vae_and_a_diffusers_p
         tmp_path, pipeline):
     from diffusers import SanaPipeline
 
-    model, encoder, info = trained(tmp_path, pipeline, "meanflow_finetune")
+    model, encoder, info = trained_backbone(tmp_path, pipeline, "meanflow_finetune")
     folder = export_model(model, info, tmp_path / "export", scheduler_dir=str(pipeline / "scheduler"))
     assert read_export_info(folder).vae.class_name == "AutoencoderDC"
     out = generate_to_file(folder, ["a red circle"], str(tmp_path / "one.png"))

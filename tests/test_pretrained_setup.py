@@ -1,5 +1,5 @@
-"""Training from a diffusers folder, on the driver and in one process: resolving the run's model,
-the refusals before any worker starts, the model and teacher the workers build. Tiny random SANA pipelines written with save_pretrained (tests/pretrained_helpers.py)."""
+"""Training from a diffusers folder or a backbone's export, on the driver and in one process: resolving
+the run's model, the refusals before any worker starts, the model and teacher the workers build. Tiny random SANA pipelines written with save_pretrained (tests/pretrained_helpers.py)."""
 
 import json
 
@@ -8,12 +8,14 @@ import torch
 
 from emf_dist.backbones import BackboneConfig, DiffusersBackbone
 from emf_dist.config import from_dict, to_dict
+from emf_dist.export import export_model
 from emf_dist.text_encoder import TextEncoder
 from emf_dist.train.config import TrainConfig
 from emf_dist.train.driver import resolve_model
 from emf_dist.train.pretrained import load_backbone_parent, write_null_text
-from emf_dist.train.setup import build_model, build_teacher
-from tests.pretrained_helpers import TEXT_DIM, TEXT_LENGTH, write_sana_pipeline
+from emf_dist.train.setup import build_model, build_objective, build_teacher
+from emf_dist.train.worker import load_parent
+from tests.pretrained_helpers import TEXT_DIM, TEXT_LENGTH, trained_backbone, write_sana_pipeline
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -91,3 +93,60 @@ def test_emf_freeze_off_trains_everything_and_flow_matching_continues_the_parent
     cfg, parent, model = _built(tmp_path, pipeline, mode="flow_matching")
     assert model is parent and isinstance(model, DiffusersBackbone) and model.cfg.time_embedding == "single"
     assert all(p.requires_grad for p in model.parameters()) and build_teacher(cfg, parent, "cpu") is None
+
+
+@pytest.fixture(scope="module")
+def sana_exports(pipeline, tmp_path_factory):
+    """Exports of a fine-tuned MeanFlow SANA and of a continued flow-matching one (weights moved off their start)."""
+    folder = tmp_path_factory.mktemp("exports")
+    out = {}
+    for mode in ("meanflow_finetune", "flow_matching"):
+        model, _, info = trained_backbone(folder / mode, pipeline, mode)
+        out[mode] = (export_model(model, info, folder / mode / "export", scheduler_dir=str(pipeline / "scheduler")),
+                     model, info)
+    return out
+
+
+def test_distillation_from_a_backbone_export_builds_its_copy_as_student_and_the_export_as_teacher(
+        tmp_path, pipeline, sana_exports):
+    export, trained, info = sana_exports["meanflow_finetune"]
+    cfg = resolve_model(config(tmp_path, export, mode="meanflow_distill", distill={"teacher_steps": 2, "text_drop": 0}))
+    assert cfg.model == info.model and cfg.model.time_embedding == "dual"
+    assert cfg.encoder.name == str(pipeline)  # the export's text encoder, as for a run from the pipeline
+    assert from_dict(TrainConfig, to_dict(cfg), validate=True) == cfg
+    parent = load_parent(cfg)  # what every worker loads: the export, with its own null condition
+    student, teacher = build_model(cfg, parent), build_teacher(cfg, parent, "cpu")
+    assert teacher is parent and student is not parent
+    assert all(p.requires_grad for p in student.parameters()) and not any(p.requires_grad for p in teacher.parameters())
+    assert torch.equal(student.null_tokens, trained.null_tokens)
+
+    gen = torch.Generator().manual_seed(0)
+    x, tokens = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, TEXT_LENGTH, TEXT_DIM, generator=gen)
+    mask = torch.ones(2, TEXT_LENGTH, dtype=torch.bool)
+    loss, stats = build_objective(cfg, teacher)(student, x, tokens, mask, None, generator=torch.Generator().manual_seed(1))
+    # The oracle: the teacher's two MeanFlow steps and the student's one step, written out here.
+    draws = torch.Generator().manual_seed(1)
+    torch.rand(2, generator=draws)  # the objective's text-dropout draw (text_drop 0: no row dropped)
+    noise = torch.randn(x.shape, generator=draws)
+    with torch.no_grad():
+        half, one, zero = torch.full((2,), 0.5), torch.ones(2), torch.zeros(2)
+        mid = noise - 0.5 * trained(noise, half, one, tokens, mask, None)
+        x_2 = mid - 0.5 * trained(mid, zero, half, tokens, mask, None)
+        err = (trained(noise, zero, one, tokens, mask, None) - (noise - x_2)).pow(2).flatten(1).mean(1)
+    torch.testing.assert_close(stats["mse"], err.mean(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(loss.detach(), (err * (err + 1e-3).pow(-0.5)).mean(), rtol=1e-5, atol=1e-7)
+    assert err.min() > 0  # two steps differ from one: something to distil
+    loss.backward()
+    assert all(p.grad is not None for p in student.transformer.transformer_blocks.parameters())
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_distillation_refuses_what_is_not_a_meanflow_model_before_workers_start(tmp_path, pipeline, sana_exports):
+    flow_matching_export = sana_exports["flow_matching"][0]
+    with pytest.raises(ValueError, match="flow-matching model .*meanflow_distill needs a MeanFlow export"):
+        resolve_model(config(tmp_path, flow_matching_export, mode="meanflow_distill"))
+    with pytest.raises(ValueError, match=r"not meanflow_distill: it is a flow-matching model .* fine-tune it first "
+                                         r"\(mode meanflow_finetune\) and distil that run's export"):
+        resolve_model(config(tmp_path, pipeline, mode="meanflow_distill"))
+    with pytest.raises(ValueError, match="EMF's fine-tune starts from the diffusers folder itself"):
+        resolve_model(config(tmp_path, flow_matching_export, mode="meanflow_finetune"))

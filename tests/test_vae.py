@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from emf_dist.vae import check_vae, decode_latents, describe_vae, encode_images, load_vae
+from emf_dist.vae import check_vae, decode_latents, describe_vae, encode_images, load_vae, spatial_compression
 from tests.pretrained_helpers import tiny_dc_ae, write_sana_pipeline
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -38,6 +38,7 @@ def test_kl_latents_are_shifted_then_scaled_and_decode_inverts_it(tmp_path, shif
         np.testing.assert_allclose(latents.astype(np.float32), ((mean - (shift or 0)) * 0.5).numpy(), atol=2e-3)
         want = vae.decode(mean).sample.clamp(-1, 1)
     torch.testing.assert_close(decode_latents(vae, info, torch.from_numpy(latents).float()), want, atol=1e-2, rtol=0)
+    assert spatial_compression(vae) == pixels.shape[1] // latents.shape[2] == 2  # what the sizes say
 
 
 def test_a_pipeline_folder_names_its_dc_ae_and_a_different_one_is_named_in_the_error(tmp_path):
@@ -47,6 +48,7 @@ def test_a_pipeline_folder_names_its_dc_ae_and_a_different_one_is_named_in_the_e
     assert (info.source, info.class_name, info.shift_factor) == (str(pipeline / "vae"), "AutoencoderDC", None)
     latents = encode_images(vae, info, images(side=32), batch_size=2)
     assert latents.shape == (2, 4, 8, 8) and latents.dtype == np.float16
+    assert spatial_compression(vae) == 32 // 8
     with torch.no_grad():
         want = vae.encode(torch.from_numpy(images(side=32)).permute(0, 3, 1, 2).float() / 127.5 - 1).latent * 0.5
     np.testing.assert_allclose(latents.astype(np.float32), want.numpy(), atol=2e-3)

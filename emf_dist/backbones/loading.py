@@ -33,10 +33,13 @@ def is_diffusers_folder(folder: str | Path) -> bool:
     """True for a diffusers pipeline folder or a diffusers model folder (the project's own exports
     hold ``emf_model.json`` and are neither)."""
     folder = Path(folder)
-    if (folder / "model_index.json").is_file():
-        return True
-    config = _read_json(folder / "config.json")
-    return isinstance(config, dict) and "_class_name" in config and "_diffusers_version" in config
+    return describes_diffusers((folder / "model_index.json").is_file(), _read_json(folder / "config.json"))
+
+
+def describes_diffusers(has_model_index: bool, config: dict | None) -> bool:
+    """The rule behind ``is_diffusers_folder``, for a folder read some other way (on object storage):
+    a pipeline's model_index.json, or a config.json that diffusers wrote for a model class."""
+    return has_model_index or (isinstance(config, dict) and "_class_name" in config and "_diffusers_version" in config)
 
 
 def transformer_folder(folder: str | Path) -> tuple[Path, Path | None]:

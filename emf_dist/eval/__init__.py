@@ -4,7 +4,7 @@ One concern per file:
 
     detector.py            objects in a generated scene image, scored against GenEval-style clauses
     benchmark.py           the compositional benchmark: prompts per task, a steps-vs-quality sweep
-    sampling.py            batched, seeded generation with a progress bar (benchmark and exports)
+    sampling.py            batched, seeded generation (benchmark and exports); latent models decoded by their VAE
     encoders.py            text-encoder selection: every candidate scored, the decision
     encoder_config.py      its config: candidates, baselines, metric data, selection thresholds
     encoder_candidates.py  the candidates and baselines behind one encode interface

@@ -19,12 +19,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm.auto import tqdm
 
-from emf_dist.eval.sampling import SamplerSpec, fixed_noise, generate
-from emf_dist.export import ExportInfo
-from emf_dist.model import VelocityNet
+from emf_dist.eval.sampling import DECODE_BATCH, EvalModel, SamplerSpec, fixed_noise, generate
 from emf_dist.scenes.detector import DetectorConfig, calibrate, detect, evaluate, metadata_of
 from emf_dist.scenes.generator import TASKS, Scene, SceneConfig, make_scene
-from emf_dist.text_encoder import TextEncoder
 
 
 @dataclass
@@ -34,7 +31,7 @@ class BenchmarkConfig:
     images_per_prompt: int = 4  # images sampled per prompt (different noise)
     prompt_seed: int = 1000  # scene seed the prompts are drawn from (training uses its own, 0 by default)
     seed: int = 0  # noise seed; every sampler configuration gets the same noise
-    resolution: int | None = None  # scene resolution; None: the model's input size
+    resolution: int | None = None  # scene resolution; None: the models' image size (decoded pixels for a latent model)
     # "color shape" pairs the model never saw in training (SceneConfig.holdout of its data); prompts
     # that contain one are drawn from the scene generator's holdout split and reported apart.
     holdout: tuple[str, ...] = ()
@@ -49,6 +46,7 @@ class BenchmarkConfig:
     flow_matching_steps: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
     flow_matching_guidance: tuple[float, ...] = (1.0, 1.5)  # 1.0 = no CFG; EMF samples with 1.5-2
     batch_size: int = 64  # images per network call
+    vae_batch_size: int = DECODE_BATCH  # latent models: latents per VAE decode
     grid_prompts: int = 8  # prompts per task shown in the sample grids
     calibration_scenes: int = 300  # fresh ground-truth scenes the detector is checked on (0: skip)
     progress: bool = True  # a tqdm bar while generating
@@ -56,7 +54,7 @@ class BenchmarkConfig:
 
     def validate(self) -> list[str]:
         problems = [f"unknown task {t!r}" for t in self.tasks if t not in TASKS]
-        for name in ("prompts_per_task", "images_per_prompt", "batch_size", "grid_prompts"):
+        for name in ("prompts_per_task", "images_per_prompt", "batch_size", "vae_batch_size", "grid_prompts"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1")
         if self.holdout_prompts_per_task < 0 or self.calibration_scenes < 0:
@@ -167,31 +165,31 @@ def _grid(images: np.ndarray, prompts: list[BenchmarkPrompt], cfg: BenchmarkConf
     return grid
 
 
-def run_benchmark(models: dict[str, tuple[VelocityNet, ExportInfo, TextEncoder]], cfg: BenchmarkConfig,
-                  keep_images: bool = False) -> BenchmarkResult:
-    """Sweep every model's samplers over the prompt set. `models`: name -> (net, export info, its encoder)."""
+def run_benchmark(models: dict[str, EvalModel], cfg: BenchmarkConfig, keep_images: bool = False) -> BenchmarkResult:
+    """Sweep every model's samplers over the prompt set. `models`: name -> the model with its own encoder
+    (and VAE)."""
     problems = cfg.validate()
     if problems:
         raise ValueError("invalid benchmark config: " + "; ".join(problems))
-    sizes = {net.cfg.input_size for net, _, _ in models.values()}
+    sizes = {model.image_size for model in models.values()}
     if len(sizes) != 1:
         raise ValueError(f"the models generate different sizes {sorted(sizes)}; benchmark them separately")
     resolution = cfg.resolution or sizes.pop()
     prompts = prompt_set(cfg, resolution)
     captions = [p.scene.caption for p in prompts for _ in range(cfg.images_per_prompt)]
-    plan = [(name, spec) for name, (_, info, _) in models.items()
-            for spec in sampler_specs(cfg, name, info.sampling.mean_flow)]
+    plan = [(name, spec) for name, model in models.items()
+            for spec in sampler_specs(cfg, name, model.info.sampling.mean_flow)]
     bar = tqdm(total=len(plan) * len(captions), desc="generating", unit="img", disable=not cfg.progress)
     samplers, records, grids, generated = [], [], {}, {}
-    texts = {name: encoder.encode(captions) for name, (_, _, encoder) in models.items()}
+    texts = {name: model.encoder.encode(captions) for name, model in models.items()}
     truncated = {name: [p.scene.caption for i, p in enumerate(prompts) if text.truncated[i * cfg.images_per_prompt]]
                  for name, text in texts.items()}
     with bar:
         for name, spec in plan:
-            net = models[name][0]
+            model = models[name]
             bar.set_postfix_str(spec.label)
-            images = generate(net, texts[name], fixed_noise(len(captions), net, cfg.seed), spec,
-                              batch_size=cfg.batch_size, progress=bar)
+            images = generate(model, texts[name], fixed_noise(len(captions), model.net, cfg.seed), spec,
+                              batch_size=cfg.batch_size, decode_batch=cfg.vae_batch_size, progress=bar)
             scored = score_images(images, prompts, cfg, spec.label)
             records += scored
             samplers.append(summarise(spec, scored, prompts, cfg.tasks))

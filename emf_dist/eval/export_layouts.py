@@ -38,9 +38,8 @@ from tqdm.auto import tqdm
 
 from emf_dist.errors import InputError
 from emf_dist.eval.benchmark import BenchmarkConfig, prompt_set
-from emf_dist.eval.sampling import SamplerSpec, fixed_noise, generate
-from emf_dist.export import load_model
-from emf_dist.generate import check_sampling, load_encoder_for, save_png
+from emf_dist.eval.sampling import SamplerSpec, fixed_noise, generate, load_eval_model
+from emf_dist.generate import check_sampling, save_png
 from emf_dist.scenes.detector import DetectorConfig, known_classes, score
 
 
@@ -74,21 +73,21 @@ def read_dpg_prompts(folder: str) -> list[tuple[str, str]]:
 
 
 class _Generator:
-    """An exported model with its own encoder and default sampler, generating fixed-seed batches."""
+    """An exported model with its own encoder (and VAE) and default sampler, generating fixed-seed batches."""
 
     def __init__(self, model_dir: str, steps: int | None, guidance: float | None, seed: int, batch_size: int,
                  device: str = "cpu"):
         check_sampling(steps, guidance)
-        self.model, info = load_model(model_dir, device)
-        self.encoder = load_encoder_for(info, model_dir, device)
+        self.model = load_eval_model(model_dir, device)
+        info = self.model.info
         self.spec = SamplerSpec("model", info.sampling.mean_flow, info.sampling.steps if steps is None else steps,
                                 info.sampling.guidance_scale if guidance is None else guidance)
         self.seed, self.batch_size = seed, batch_size
 
     def images(self, prompts: list[str], first_index: int, progress) -> np.ndarray:
         """Images for consecutive prompts; noise is drawn per global image index, so chunking does not matter."""
-        noise = fixed_noise(len(prompts), self.model, self.seed, start=first_index)
-        return generate(self.model, self.encoder.encode(prompts), noise, self.spec,
+        noise = fixed_noise(len(prompts), self.model.net, self.seed, start=first_index)
+        return generate(self.model, self.model.encoder.encode(prompts), noise, self.spec,
                         batch_size=self.batch_size, progress=progress)
 
 
@@ -98,7 +97,7 @@ def export_geneval(model_dir: str, metadata: list[dict] | None, out_dir: str, *,
     """One folder per metadata line; metadata None: the benchmark's scene prompts (BenchmarkConfig defaults)."""
     gen = _Generator(model_dir, steps, guidance, seed, batch_size)
     if metadata is None:
-        metadata = scene_geneval_metadata(BenchmarkConfig(), gen.model.cfg.input_size)
+        metadata = scene_geneval_metadata(BenchmarkConfig(), gen.model.image_size)
     with tqdm(total=len(metadata) * images_per_prompt, desc="geneval", unit="img", disable=not progress) as bar:
         for index, meta in enumerate(metadata):
             folder = os.path.join(out_dir, f"{index:0>5}")
@@ -122,7 +121,7 @@ def export_dpg(model_dir: str, prompts: list[tuple[str, str]], out_dir: str, *, 
             tiles = gen.images([text] * 4, index * 4, bar)
             top, bottom = np.concatenate(tiles[:2], axis=1), np.concatenate(tiles[2:], axis=1)
             save_png(np.concatenate([top, bottom], axis=0), os.path.join(out_dir, f"{item}.png"), upscale=upscale)
-    return gen.model.cfg.input_size * upscale
+    return gen.model.image_size * upscale
 
 
 def score_geneval_folder(folder: str, cfg: DetectorConfig | None = None) -> dict:

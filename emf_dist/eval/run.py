@@ -16,8 +16,7 @@ from emf_dist.eval.encoder_table import encoder_table
 from emf_dist.eval.encoders import evaluate_encoders
 from emf_dist.eval.frechet import FrechetConfig, frechet_between
 from emf_dist.eval.report import write_report
-from emf_dist.export import load_model
-from emf_dist.generate import load_encoder_for
+from emf_dist.eval.sampling import EvalModel, load_eval_model
 from emf_dist.scenes.generator import iter_scenes
 
 NO_BACKBONE = ("Not computed: no vision backbone was given. No pretrained vision model ships in a PyPI package this "
@@ -45,20 +44,19 @@ def run_encoder_job(cfg: EncoderEvalConfig, out_dir: str, device: str = "cpu") -
     return result
 
 
-def _load_models(model_dirs: dict[str, str], device: str) -> tuple[dict, dict]:
-    """name -> (net, info, encoder); names say what kind of sampler each model gets."""
+def _load_models(model_dirs: dict[str, str], device: str) -> tuple[dict[str, EvalModel], dict]:
+    """name -> the model with its text encoder and VAE; names say what kind of sampler each model gets."""
     models, described, encoders = {}, {}, {}
     for role, folder in model_dirs.items():
-        net, info = load_model(folder, device)
+        model = load_eval_model(folder, device, encoders)  # the demo's two models share one encoder: loaded once
+        info = model.info
         name = "meanflow" if info.sampling.mean_flow else "flow_matching"
         if name in models:  # two models of one kind: tell them apart by their role
             name = f"{name}-{role}"
-        key = json.dumps(info.encoder_fingerprint, sort_keys=True)
-        if key not in encoders:  # the demo's two models share one encoder: load it once
-            encoders[key] = load_encoder_for(info, folder, device)
-        models[name] = (net, info, encoders[key])
+        models[name] = model
         described[name] = {"dir": os.path.abspath(folder), "role": role, "mean_flow": info.sampling.mean_flow,
-                           "default_steps": info.sampling.steps, "text_encoder": info.text_encoder.name}
+                           "default_steps": info.sampling.steps, "text_encoder": info.text_encoder.name,
+                           "vae": None if info.vae is None else info.vae.source, "image_size": model.image_size}
     return models, described
 
 
@@ -90,8 +88,7 @@ def run_benchmark_job(model_dirs: dict[str, str], cfg: EvalConfig, out_dir: str)
     frechet, note = _frechet(result, cfg.frechet, cfg.device)
     encoders = None
     if cfg.run_encoders:
-        own = {json.dumps(info.encoder_fingerprint, sort_keys=True): info.text_encoder
-               for _, info, _ in models.values()}
+        own = {json.dumps(m.info.encoder_fingerprint, sort_keys=True): m.info.text_encoder for m in models.values()}
         enc_cfg = dataclasses.replace(cfg.encoders, candidates=list(own.values()))
         encoders = evaluate_encoders(enc_cfg, cfg.device)
     out = write_report(out_dir, benchmark=result, encoders=encoders, frechet=frechet, frechet_note=note,

@@ -14,6 +14,7 @@ from emf_dist.backbones.adapter import BackboneConfig
 from emf_dist.meanflow import MeanFlowConfig
 from emf_dist.model import ModelConfig
 from emf_dist.split_distill import SplitDistillConfig
+from emf_dist.storage import redact
 from emf_dist.text_encoder import TextEncoderConfig
 from emf_dist.time_sampling import TimeSamplerConfig
 
@@ -134,9 +135,10 @@ class TrainConfig:
     # meanflow_finetune: EMF's conversion of a flow-matching export (init_from); meanflow_distill: a
     # MeanFlow export (init_from) whose 1-step query learns its own k-step samples (emf_dist/split_distill.py)
     mode: Literal["flow_matching", "meanflow", "meanflow_finetune", "meanflow_distill"] = "meanflow"
-    # meanflow_finetune / meanflow_distill: an exported model folder; meanflow_finetune and flow_matching
-    # (continued pretraining) also take a diffusers SANA / SD3 pipeline or transformer folder
-    # (emf_dist/train/pretrained.py), whose backbone then becomes `model`
+    # meanflow_finetune / meanflow_distill: an exported model folder (meanflow_distill: our DiT's or a
+    # fine-tuned backbone's); meanflow_finetune and flow_matching (continued pretraining) also take a
+    # diffusers SANA / SD3 pipeline or transformer folder, local or s3://... (emf_dist/train/pretrained.py),
+    # whose backbone then becomes `model`
     init_from: str = ""
     emf_freeze: bool = True         # meanflow_finetune: train only what EMF trains (blocks, time embeddings,
                                     # final modulation); false trains every parameter
@@ -195,6 +197,9 @@ class TrainConfig:
         if self.starts_from_export and not self.init_from:
             wanted = "a flow-matching" if self.mode == "meanflow_finetune" else "a MeanFlow"
             problems.append(f"mode {self.mode} needs init_from: {wanted} model's export folder")
+        if redact(self.init_from) != self.init_from:
+            problems.append(f"init_from {redact(self.init_from)} carries credentials in its URL; take them out and "
+                            "set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or an instance role) in the environment")
         if self.mode == "meanflow" and self.init_from:
             problems.append("init_from is used by modes meanflow_finetune, meanflow_distill and (a diffusers "
                             "folder) flow_matching; mode meanflow trains from scratch")

@@ -10,6 +10,7 @@ are exported (safetensors + emf_model.json) to ``<storage>/<name>/export``.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, replace
 
@@ -43,29 +44,33 @@ class TrainResult:
 
 def resolve_model(cfg: TrainConfig) -> TrainConfig:
     """A run from an export takes its architecture: EMF's fine-tune converts a flow-matching parent to
-    the dual time embedding, distillation keeps a MeanFlow model's as it is. A run from a diffusers
-    folder takes its transformer's (emf_dist/train/pretrained.py)."""
-    from emf_dist.train.pretrained import is_pretrained_folder, resolve_backbone
+    the dual time embedding, distillation keeps a MeanFlow model's as it is (our DiT's or a fine-tuned
+    backbone's). A run from a diffusers folder, local or on object storage, takes its transformer's
+    (emf_dist/train/pretrained.py)."""
+    from emf_dist.train.pretrained import is_pretrained_folder, resolve_backbone, resolve_backbone_export
     if is_pretrained_folder(cfg.init_from):
         return resolve_backbone(cfg)
     if cfg.mode == "flow_matching" and cfg.init_from:
         raise ValueError(f"mode flow_matching continues pretraining from a diffusers pipeline or transformer folder; "
-                         f"init_from {cfg.init_from} is none (a local folder with model_index.json, or config.json "
-                         "naming a diffusers class)")
+                         f"init_from {cfg.init_from} is none (a folder, local or s3://..., with model_index.json, or "
+                         "config.json naming a diffusers class)")
     if not cfg.starts_from_export:
         return cfg
     from emf_dist.export import verify_export
     with storage.local_folder(cfg.init_from) as folder:  # the weights too: the workers must not find them damaged
-        parent = verify_export(folder).model
+        info = verify_export(folder)
+    parent = info.model
     if cfg.mode == "meanflow_finetune" and parent.time_embedding != "single":
         raise ValueError(f"init_from {cfg.init_from} is already a MeanFlow model (dual time embedding); "
                          "fine-tune from a flow-matching export, or distil it with mode meanflow_distill")
-    if isinstance(parent, BackboneConfig):
-        raise ValueError(f"init_from {cfg.init_from} is an export of a pretrained {parent.class_name}: "
-                         f"{cfg.mode} from such an export is not supported yet")
+    if isinstance(parent, BackboneConfig) and cfg.mode == "meanflow_finetune":
+        raise ValueError(f"init_from {cfg.init_from} is an export of a pretrained {parent.class_name} trained by flow "
+                         "matching: EMF's fine-tune starts from the diffusers folder itself (init_from=the pipeline)")
     if cfg.mode == "meanflow_distill" and parent.time_embedding != "dual":
         raise ValueError(f"init_from {cfg.init_from} is a flow-matching model (single time embedding); "
                          "meanflow_distill needs a MeanFlow export: fine-tune it first (mode meanflow_finetune)")
+    if isinstance(parent, BackboneConfig):
+        return resolve_backbone_export(cfg, info)
     model = replace(parent, time_embedding="dual", checkpointing=cfg.model.checkpointing)
     return replace(cfg, model=model)
 
@@ -80,8 +85,8 @@ def check_data(cfg: TrainConfig) -> tuple[Manifest, TextEncoder]:
                      in_channels=cfg.model.in_channels, input_size=cfg.model.input_size, where=cfg.data.url,
                      pooled_dim=pooled_dim)
     if isinstance(cfg.model, BackboneConfig):
-        from emf_dist.train.pretrained import check_pipeline_parts
-        check_pipeline_parts(cfg, manifest)
+        from emf_dist.train.pretrained import check_parent_parts
+        check_parent_parts(cfg, manifest)
     encoder = TextEncoder(cfg.encoder)
     check_fingerprint(manifest.encoder, encoder.fingerprint(), what_expected=f"the shards ({cfg.data.url})",
                       what_actual="the training config's encoder")
@@ -122,24 +127,25 @@ def _trainer(cfg: TrainConfig, sample_text: dict | None):
     )
 
 
+@contextlib.contextmanager
+def _architecture(cfg: TrainConfig):
+    """The module the EMA weights go into and, for a backbone, the scheduler folder its export copies.
+    A backbone's comes from its parent, with the weights the run left frozen."""
+    if not isinstance(cfg.model, BackboneConfig):
+        from emf_dist.model import VelocityNet
+        yield VelocityNet(cfg.model), None
+        return
+    from emf_dist.train.pretrained import export_parent
+    from emf_dist.train.setup import build_model
+    with export_parent(cfg) as (parent, scheduler_dir):
+        yield build_model(cfg, parent), scheduler_dir
+
+
 def export_checkpoint(cfg: TrainConfig, encoder: TextEncoder, checkpoint, manifest: Manifest) -> str:
     """EMA weights of ``checkpoint`` -> an export folder in the run's storage."""
     from emf_dist.ema import EMA
     from emf_dist.export import ExportInfo, SamplingInfo, export_model
-    from emf_dist.model import VelocityNet
     from emf_dist.train.checkpoint import load_ema
-    scheduler_dir = None
-    if isinstance(cfg.model, BackboneConfig):  # the architecture (and the frozen weights) from the parent
-        from emf_dist.backbones.loading import transformer_folder
-        from emf_dist.train.pretrained import load_backbone_parent
-        from emf_dist.train.setup import build_model
-        model, scheduler_dir = build_model(cfg, load_backbone_parent(cfg)), transformer_folder(cfg.init_from)[1]
-    else:
-        model = VelocityNet(cfg.model)
-    ema = EMA(model, cfg.ema_decay)
-    with checkpoint.as_directory() as folder:
-        load_ema(folder, ema)
-    ema.copy_to(model)
     mean_flow = cfg.mode != "flow_matching"
     info = ExportInfo(model=cfg.model, text_encoder=cfg.encoder, encoder_fingerprint=encoder.fingerprint(),
                       sampling=SamplingInfo(mean_flow=mean_flow, steps=1 if mean_flow else 32),
@@ -147,8 +153,13 @@ def export_checkpoint(cfg: TrainConfig, encoder: TextEncoder, checkpoint, manife
                                 "manifest_version": manifest.version, "init_from": cfg.init_from},
                       vae=manifest.image.vae_info() if manifest.image.kind == "latent" else None)
     target = storage.join(cfg.storage_path, cfg.name, "export")
-    with storage.output_folder(target) as out:
-        export_model(model, info, out, scheduler_dir=None if scheduler_dir is None else str(scheduler_dir))
+    with _architecture(cfg) as (model, scheduler_dir):
+        ema = EMA(model, cfg.ema_decay)
+        with checkpoint.as_directory() as folder:
+            load_ema(folder, ema)
+        ema.copy_to(model)
+        with storage.output_folder(target) as out:
+            export_model(model, info, out, scheduler_dir=scheduler_dir)
     return target
 
 
@@ -161,7 +172,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     check_resume(cfg)
     manifest, encoder = check_data(cfg)
     sample_text = encode_sample_prompts(cfg, encoder)
-    if isinstance(cfg.model, BackboneConfig):
+    from emf_dist.train.pretrained import parent_is_diffusers_folder
+    if parent_is_diffusers_folder(cfg):  # a backbone export holds its own null condition
         from emf_dist.train.pretrained import write_null_text
         write_null_text(cfg, encoder)
     if not ray.is_initialized():

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from emf_dist import storage
 from emf_dist.config import from_dict
 from emf_dist.ema import EMA
-from emf_dist.model import ModelConfig, VelocityNet
+from emf_dist.model import VelocityNet
 from emf_dist.train.checkpoint import load_checkpoint, save_checkpoint
 from emf_dist.train.config import TrainConfig
 from emf_dist.train.engine import build_engine
@@ -40,10 +40,10 @@ class TooManyBadSteps(RuntimeError):
 def load_parent(cfg: TrainConfig) -> VelocityNet:
     """The export a run starts from (cfg.init_from, a local folder or s3:// URL): meanflow_finetune's
     flow-matching parent, meanflow_distill's MeanFlow model, or a pretrained diffusers transformer."""
-    if not isinstance(cfg.model, ModelConfig):
-        from emf_dist.train.pretrained import load_backbone_parent
+    from emf_dist.train.pretrained import load_backbone_parent, parent_is_diffusers_folder
+    if parent_is_diffusers_folder(cfg):
         return load_backbone_parent(cfg)
-    from emf_dist.export import load_model
+    from emf_dist.export import load_model  # our DiT's export, or a backbone's (meanflow_distill)
     with storage.local_folder(cfg.init_from) as folder:
         parent, _ = load_model(folder)
     return parent
