@@ -58,8 +58,9 @@ class MeanFlowConfig:
     fd_eps: float = 1e-4
     jvp_float32: bool = True  # run the JVP pass in float32 with autocast off (bf16 JVPs diverge)
     # Rows of the JVP pass computed at once (0: all rows at once). Per row the float32 pass with its
-    # tangents can hold more than the checkpointed gradient pass; chunks bound its transient memory
-    # at a cost of one more (smaller) pass per chunk (docs/benchmarks.md, SANA-1.6B scale plan).
+    # tangents can hold more than the checkpointed gradient pass (our DiT; not SANA-1.6B: "the memory
+    # plan" in docs/benchmarks.md); chunks bound it, at one more, smaller pass per chunk (under
+    # ZeRO-3 one more gather of the weights each).
     jvp_chunk: int = 0
 
     @property
