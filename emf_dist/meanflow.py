@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
@@ -57,6 +57,11 @@ class MeanFlowConfig:
     # unit t, so the difference is exact only in float64 with a tiny step: an oracle, not a default.
     fd_eps: float = 1e-4
     jvp_float32: bool = True  # run the JVP pass in float32 with autocast off (bf16 JVPs diverge)
+    # Rows of the JVP pass computed at once (0: all rows at once). Per row the float32 pass with its
+    # tangents can hold more than the checkpointed gradient pass (our DiT; not SANA-1.6B: "the memory
+    # plan" in docs/benchmarks.md); chunks bound it, at one more, smaller pass per chunk (under
+    # ZeRO-3 one more gather of the weights each).
+    jvp_chunk: int = 0
 
     @property
     def folds_guidance(self) -> bool:
@@ -75,11 +80,25 @@ class MeanFlowConfig:
             problems.append(f"need adaptive_p >= 0 and adaptive_c > 0, got {self.adaptive_p}, {self.adaptive_c}")
         if self.fd_eps <= 0:
             problems.append(f"fd_eps must be > 0, got {self.fd_eps}")
+        if self.jvp_chunk < 0:
+            problems.append(f"jvp_chunk must be >= 0 (rows of the JVP pass at once; 0: all), got {self.jvp_chunk}")
         return problems
+
+
+def _row_slice(values: tuple, rows: slice) -> tuple:
+    return tuple(None if value is None else value[rows] for value in values)
 
 
 def time_derivative(net: nn.Module, z, r, t, velocity, text: tuple, drop, cfg: MeanFlowConfig) -> torch.Tensor:
     """du/dt along the flow: the JVP of u(z, r, t) with tangents (velocity, 0, 1). No gradients."""
+    if 0 < cfg.jvp_chunk < z.shape[0]:  # rows are independent: chunks of them bound the pass's memory
+        whole, chunks = replace(cfg, jvp_chunk=0), []
+        for start in range(0, z.shape[0], cfg.jvp_chunk):
+            rows = slice(start, start + cfg.jvp_chunk)
+            z_rows, r_rows, t_rows, v_rows, drop_rows = _row_slice((z, r, t, velocity, drop), rows)
+            chunks.append(time_derivative(net, z_rows, r_rows, t_rows, v_rows, _row_slice(text, rows), drop_rows,
+                                          whole))
+        return torch.cat(chunks)
     with torch.no_grad():
         if cfg.jvp == "finite_difference":
             eps = cfg.fd_eps
