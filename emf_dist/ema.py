@@ -7,7 +7,7 @@ import torch.nn as nn
 
 
 class EMA:
-    """Float32 shadow copies of a model's parameters.
+    """Float32 shadow copies of a model's parameters, on the parameters' device.
 
     The decay warms up as min(decay, (1 + n) / (10 + n)) over the first updates, so early
     averages are not dominated by the random initialisation.

@@ -83,8 +83,10 @@ class Trainer:
         self.device = ray.train.torch.get_device() if self.on_gpu else torch.device("cpu")
         parent = load_parent(cfg) if cfg.init_from else None
         model = build_model(cfg, parent)
-        self.ema = EMA(model, cfg.ema_decay)  # before ZeRO-3 partitions the parameters
-        self.engine = build_engine(model.to(self.device), cfg, self.world, self.on_gpu)
+        model = model.to(self.device)
+        # On the device (an update per step reads every weight) and before ZeRO-3 partitions them.
+        self.ema = EMA(model, cfg.ema_decay)
+        self.engine = build_engine(model, cfg, self.world, self.on_gpu)
         self.objective = build_objective(cfg, build_teacher(cfg, parent, self.device))
         self.generator = objective_generator(cfg, self.rank, self.device)
         self.grad_norm = 0.0  # of the last optimizer step; ZeRO-0 only (stages >= 1 keep their own)
