@@ -64,13 +64,15 @@ def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of every measured process")
     parser.add_argument("--sizes", default=",".join(SIZES), help="comma-separated, of: " + ", ".join(SIZES))
     args = parser.parse_args(argv)
     sizes = ["tiny"] if args.quick else args.sizes.split(",")
     rounds, repeats = (1, 3) if args.quick else (args.rounds, 5)
     configs = [(size, checkpointing, name, r_neq_t, jvp) for size in sizes for checkpointing in (False, True)
                for name, r_neq_t, jvp in VARIANTS]
-    specs = [dict(size=size, checkpointing=checkpointing, r_neq_t=r_neq_t, jvp=jvp, repeats=repeats)
+    specs = [dict(size=size, checkpointing=checkpointing, r_neq_t=r_neq_t, jvp=jvp, repeats=repeats,
+                  threads=args.threads)
              for size, checkpointing, _, r_neq_t, jvp in configs]
     results = dict(zip([c[:3] for c in configs], best_over_rounds("benchmarks.meanflow_step", specs, rounds)))
     rows = []

@@ -117,23 +117,29 @@ def attention_with_tangent(q, k, v, dq, dk, dv, key_mask=None, block_size: int |
         bias = torch.zeros(key_mask.shape, dtype=q.dtype, device=q.device)
         bias = bias.masked_fill(~key_mask, float("-inf"))[:, None, None, :]
 
-    # Fewer, taller matmuls: dq k^T + q dk^T = [dq | q] [k | dk]^T, and P v, P dv = P [v | dv].
+    # The scale folded into the queries once (not into two N x N score matrices); fewer, taller
+    # matmuls: s (dq k^T + q dk^T) = [s dq | s q] [k | dk]^T, and P v, P dv = P [v | dv].
+    q = q * scale
+    dq = None if dq is None else dq * scale
     k_t = k.transpose(-2, -1)
     score_keys = None if dk is None else torch.cat([k_t, dk.transpose(-2, -1)], dim=-2)
     values = v if dv is None else torch.cat([v, dv], dim=-1)
+    if block_size >= n_q:  # one block: no copies into the outputs
+        return _block(q, dq, k_t, score_keys, values, bias)
     out = torch.empty_like(q)
     d_out = torch.empty_like(q)
     for start in range(0, n_q, block_size):
         rows = slice(start, min(start + block_size, n_q))
         out[:, :, rows], d_out[:, :, rows] = _block(q[:, :, rows], None if dq is None else dq[:, :, rows],
-                                                    k_t, score_keys, values, bias, scale)
+                                                    k_t, score_keys, values, bias)
     return out, d_out
 
 
-def _block(q, dq, k_t, score_keys, values, bias, scale):
-    """One block of queries. ``score_keys`` is [k | dk]^T (None: dk = 0); ``values`` is [v | dv] (or v: dv = 0)."""
+def _block(q, dq, k_t, score_keys, values, bias):
+    """One block of queries, q and dq already scaled. ``score_keys`` is [k | dk]^T (None: dk = 0);
+    ``values`` is [v | dv] (or v: dv = 0)."""
     d = q.shape[-1]
-    scores = torch.matmul(q, k_t).mul_(scale)
+    scores = torch.matmul(q, k_t)
     if bias is not None:
         scores.add_(bias)
     probs = torch.softmax(scores, dim=-1)
@@ -150,7 +156,7 @@ def _block(q, dq, k_t, score_keys, values, bias, scale):
     elif dq is not None:
         d_scores = torch.matmul(dq, k_t)
     if d_scores is not None:
-        weighted = d_scores.mul_(probs).mul_(scale)  # P * dS, in place: d_scores is not needed again
+        weighted = d_scores.mul_(probs)  # P * dS, in place: d_scores is not needed again
         d_out = d_out + torch.matmul(weighted, values[..., :d]) - weighted.sum(-1, keepdim=True) * out
     return out, d_out
 

@@ -9,14 +9,13 @@ formula on dual tensors; here each module's tangent rule is written out once, so
 about one forward for the primal plus one for the tangent, the rest being elementwise work.
 
 The rules, module by module (a tangent is written d.):
-  * Linear / patch conv:  y = W x + b,  dy = W dx. Primal and tangent go through one GEMM
-    (rows stacked), the bias is added to the primal half only.
+  * Linear / patch conv:  y = W x + b,  dy = W dx.
   * Sinusoidal time features of s:  d cos(a s) = -a sin(a s) ds,  d sin(a s) = a cos(a s) ds;
     the end time t carries dt, the interval t - r carries dt too (r has no tangent).
-  * SiLU:  d(x sigmoid(x)) = sigmoid(x) (1 + x (1 - sigmoid(x))) dx.
-  * GELU (tanh form):  g = x/2 (1 + tanh k),  k = a (x + b x^3),
-    dg = [ (1 + tanh k)/2 + x/2 (1 - tanh^2 k) a (1 + 3 b x^2) ] dx.
-  * LayerNorm:  y = (x - mean) / s,  dy = (dx - mean(dx) - y mean(y dx)) / s  (then the affine scale).
+  * SiLU, GELU: dy = f'(x) dx, which is what their backward kernels compute from dx (a diagonal
+    Jacobian is its own transpose).
+  * LayerNorm:  y = (x - mean) / s,  dy = (dx - mean(dx) - y mean(y dx)) / s  (then the affine
+    scale): the Jacobian is symmetric, so its backward kernel gives dy from the saved mean and 1/s.
   * adaLN modulation:  y = x (1 + scale) + shift,  dy = dx (1 + scale) + x dscale + dshift.
   * Gated residual:  x + g a,  d = dx + dg a + g da.
   * Attention: emf_dist.attention.attention_and_tangent (blockwise over queries on CPU, the fused
@@ -157,16 +156,13 @@ def _cross_attention(attn: Attention, x, dx, text, text_mask) -> Pair:
 
 
 def _linear(layer: nn.Linear, x, dx) -> Pair:
-    # One GEMM for both halves: the weight is read once and the matmul is twice as tall.
-    y, dy = F.linear(torch.cat([x, dx]), layer.weight).chunk(2)
-    if layer.bias is not None:
-        y = y.add_(layer.bias)
-    return y, dy
+    # Two GEMMs, not one over the stacked rows: on CPU the stacked GEMM is no faster and the
+    # stacking copy costs time and a second copy of the input (docs/benchmarks.md).
+    return F.linear(x, layer.weight, layer.bias), F.linear(dx, layer.weight)
 
 
 def _patch_embed(conv: nn.Conv2d, z, dz) -> Pair:
-    y, dy = F.conv2d(torch.cat([z, dz]), conv.weight, stride=conv.stride).chunk(2)
-    y = y.add_(conv.bias[:, None, None])
+    y, dy = conv(z), F.conv2d(dz, conv.weight, stride=conv.stride)
     return y.flatten(2).transpose(1, 2), dy.flatten(2).transpose(1, 2)
 
 
