@@ -1,11 +1,13 @@
 """MeanFlow step vs flow-matching step: time and peak memory, same model, same batch.
 
     python -m benchmarks.meanflow_step            # the full table (docs/benchmarks.md)
-    python -m benchmarks.meanflow_step --quick    # one size, fewer repeats
+    python -m benchmarks.meanflow_step --quick    # one size, one round, fewer repeats
 
-Every configuration runs in its own process (benchmarks/measure.py) and the rounds are
-interleaved (FM, MF, FM, MF, ...), so slow drift on a shared machine hits both alike; each
-ratio uses the minimum over rounds of the per-round medians.
+The MeanFlow steps run the JVP pass both ways, side by side: our DiT's hand-written
+primal-and-tangent pass (``objective.jvp: explicit``, emf_dist/model_jvp.py) and PyTorch's
+forward-mode AD (``forward_ad``). The "demo" size is the demo's fine-tune: its model and per-worker
+micro-batch. Every configuration runs in its own process (benchmarks/measure.py) and the rounds are
+interleaved, so slow drift on a shared machine hits all alike; each figure is the fastest round's median.
 """
 
 from __future__ import annotations
@@ -16,26 +18,33 @@ import sys
 
 import torch
 
-from benchmarks.measure import random_batch_step, run_isolated, time_and_peak
+from benchmarks.measure import best_over_rounds, print_ratio_table, random_batch_step, time_and_peak
 from emf_dist.meanflow import MeanFlowConfig, MeanFlowLoss
 from emf_dist.model import ModelConfig, VelocityNet, parameter_count
 from emf_dist.time_sampling import TimeSamplerConfig
 
-SIZES = {  # 32 x 32 RGB input, patch 2: 256 image tokens; 16 text tokens
+SIZES = {  # tiny, small: 32 x 32 RGB input, patch 2: 256 image tokens. demo: 16 x 16, patch 4: 16 tokens
     "tiny": dict(width=96, depth=4, heads=4, batch=16),
     "small": dict(width=192, depth=6, heads=6, batch=16),
+    "demo": dict(width=128, depth=4, heads=4, batch=32, input_size=16, patch_size=4, prediction="data"),
 }
+VARIANTS = [("flow matching", 0.0, "auto"), ("MeanFlow, 25% r!=t", 0.25, "explicit"),
+            ("MeanFlow, 75% r!=t", 0.75, "explicit"), ("MeanFlow, 100% r!=t", 1.0, "explicit"),
+            ("MeanFlow, 75% r!=t, forward AD", 0.75, "forward_ad"),
+            ("MeanFlow, 100% r!=t, forward AD", 1.0, "forward_ad")]
 
 
 def build_step(spec: dict):
     torch.manual_seed(0)
-    size = SIZES[spec["size"]]
-    cfg = ModelConfig(input_size=32, patch_size=2, width=size["width"], depth=size["depth"], heads=size["heads"],
-                      text_dim=384, time_embedding="dual", checkpointing=spec["checkpointing"])
+    size = dict(SIZES[spec["size"]])
+    batch = size.pop("batch")
+    cfg = ModelConfig(**{"input_size": 32, "patch_size": 2, **size}, text_dim=384, time_embedding="dual",
+                      checkpointing=spec["checkpointing"])
     model = VelocityNet(cfg)
     mode = "flow_matching" if spec["r_neq_t"] == 0 else "meanflow"
-    objective = MeanFlowLoss(MeanFlowConfig(mode=mode, time=TimeSamplerConfig(r_neq_t=spec["r_neq_t"])))
-    step = random_batch_step(model, objective, size["batch"], generator=torch.Generator().manual_seed(0))
+    objective = MeanFlowLoss(MeanFlowConfig(mode=mode, time=TimeSamplerConfig(r_neq_t=spec["r_neq_t"]),
+                                            jvp=spec["jvp"]))
+    step = random_batch_step(model, objective, batch, generator=torch.Generator().manual_seed(0))
     return step, parameter_count(model)
 
 
@@ -54,30 +63,23 @@ def measure(spec: dict) -> dict:
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of every measured process")
+    parser.add_argument("--sizes", default=",".join(SIZES), help="comma-separated, of: " + ", ".join(SIZES))
     args = parser.parse_args(argv)
-    sizes = ["tiny"] if args.quick else list(SIZES)
-    repeats = 3 if args.quick else 5
-    variants = [("flow matching", 0.0), ("MeanFlow, 25% r!=t", 0.25), ("MeanFlow, 75% r!=t", 0.75),
-                ("MeanFlow, 100% r!=t", 1.0)]
-    print("| model | checkpointing | step | seconds | ratio to FM | peak MiB | ratio to FM |")
-    print("|---|---|---|---|---|---|---|")
-    for size in sizes:
-        for checkpointing in (False, True):
-            best: dict[str, dict] = {}
-            for _ in range(args.rounds):
-                for name, r_neq_t in variants:
-                    spec = dict(size=size, checkpointing=checkpointing, r_neq_t=r_neq_t, repeats=repeats)
-                    result = run_isolated("benchmarks.meanflow_step", spec)
-                    if name not in best or result["seconds"] < best[name]["seconds"]:
-                        best[name] = result
-            fm = best["flow matching"]
-            label = f"{size} ({fm['params'] / 1e6:.1f} M, batch {SIZES[size]['batch']})"
-            for name, _ in variants:
-                r = best[name]
-                print(f"| {label} | {'on' if checkpointing else 'off'} | {name} | {r['seconds']:.3f} | "
-                      f"{r['seconds'] / fm['seconds']:.2f} | {r['peak_mib']:.0f} | {r['peak_mib'] / fm['peak_mib']:.2f} |",
-                      flush=True)
+    sizes = ["tiny"] if args.quick else args.sizes.split(",")
+    rounds, repeats = (1, 3) if args.quick else (args.rounds, 5)
+    configs = [(size, checkpointing, name, r_neq_t, jvp) for size in sizes for checkpointing in (False, True)
+               for name, r_neq_t, jvp in VARIANTS]
+    specs = [dict(size=size, checkpointing=checkpointing, r_neq_t=r_neq_t, jvp=jvp, repeats=repeats,
+                  threads=args.threads)
+             for size, checkpointing, _, r_neq_t, jvp in configs]
+    results = dict(zip([c[:3] for c in configs], best_over_rounds("benchmarks.meanflow_step", specs, rounds)))
+    rows = []
+    for (size, checkpointing, name), r in results.items():
+        label = f"{size} ({r['params'] / 1e6:.1f} M, batch {SIZES[size]['batch']})"
+        rows.append((label, checkpointing, name, r, results[(size, checkpointing, "flow matching")]))
+    print_ratio_table(rows)
 
 
 if __name__ == "__main__":

@@ -69,3 +69,26 @@ def random_batch_step(model, objective, batch: int, text_tokens: int = 16, gener
         optimizer.step()
 
     return step
+
+
+def best_over_rounds(module: str, specs: list[dict], rounds: int) -> list[dict]:
+    """Every spec measured once per round, the rounds interleaved so that a machine's drift hits
+    every spec alike; for each spec the result of its fastest round."""
+    best: list[dict | None] = [None] * len(specs)
+    for _ in range(rounds):
+        for i, spec in enumerate(specs):
+            result = run_isolated(module, spec)
+            if best[i] is None or result["seconds"] < best[i]["seconds"]:
+                best[i] = result
+    return best
+
+
+def print_ratio_table(rows: list[tuple[str, bool, str, dict, dict]]) -> None:
+    """Markdown rows (model, checkpointing, step, result, its flow-matching result): time and peak
+    memory, each beside its ratio to the flow-matching step of the same model and checkpointing."""
+    print("| model | checkpointing | step | seconds | ratio to FM | peak MiB | ratio to FM |")
+    print("|---|---|---|---|---|---|---|")
+    for model, checkpointing, step, r, fm in rows:
+        print(f"| {model} | {'on' if checkpointing else 'off'} | {step} | {r['seconds']:.3f} | "
+              f"{r['seconds'] / fm['seconds']:.2f} | {r['peak_mib']:.0f} | {r['peak_mib'] / fm['peak_mib']:.2f} |",
+              flush=True)

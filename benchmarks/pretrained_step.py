@@ -20,7 +20,7 @@ import sys
 
 import torch
 
-from benchmarks.measure import random_batch_step, run_isolated, time_and_peak
+from benchmarks.measure import best_over_rounds, print_ratio_table, random_batch_step, time_and_peak
 from emf_dist.meanflow import MeanFlowConfig, MeanFlowLoss
 from emf_dist.model import ModelConfig, VelocityNet, parameter_count
 from emf_dist.time_sampling import TimeSamplerConfig
@@ -73,23 +73,14 @@ def main(argv: list[str]) -> None:
     rounds, repeats = (1, 2) if args.quick else (args.rounds, 3)
     configs = [(model, checkpointing, name, r_neq_t) for model in ("sana", "dit") for checkpointing in (False, True)
                for name, r_neq_t in VARIANTS]
-    best: dict[tuple, dict] = {}
-    for _ in range(rounds):
-        for model, checkpointing, name, r_neq_t in configs:
-            spec = dict(model=model, checkpointing=checkpointing, r_neq_t=r_neq_t, repeats=repeats)
-            result = run_isolated("benchmarks.pretrained_step", spec)
-            key = (model, checkpointing, name)
-            if key not in best or result["seconds"] < best[key]["seconds"]:
-                best[key] = result
-    print("| model | checkpointing | step | seconds | ratio to FM | peak MiB | ratio to FM |")
-    print("|---|---|---|---|---|---|---|")
-    for model, checkpointing, name, _ in configs:
-        r, fm = best[(model, checkpointing, name)], best[(model, checkpointing, "flow matching")]
+    specs = [dict(model=model, checkpointing=checkpointing, r_neq_t=r_neq_t, repeats=repeats)
+             for model, checkpointing, _, r_neq_t in configs]
+    results = dict(zip([c[:3] for c in configs], best_over_rounds("benchmarks.pretrained_step", specs, rounds)))
+    rows = []
+    for (model, checkpointing, name), r in results.items():
         label = f"{'SANA (adapted)' if model == 'sana' else 'DiT'} ({r['params'] / 1e6:.1f} M, batch {BATCH})"
-        print(f"| {label} | {'on' if checkpointing else 'off'} | {name} | {r['seconds']:.3f} | "
-              f"{r['seconds'] / fm['seconds']:.2f} | {r['peak_mib']:.0f} | {r['peak_mib'] / fm['peak_mib']:.2f} |",
-              flush=True)
-
+        rows.append((label, checkpointing, name, r, results[(model, checkpointing, "flow matching")]))
+    print_ratio_table(rows)
 
 if __name__ == "__main__":
     if len(sys.argv) == 2 and sys.argv[1].startswith("{"):

@@ -65,10 +65,16 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch
     if dq is None and dk is None and dv is None:
         mask = None if key_mask is None else key_mask[:, None, None, :]
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    inputs = (q_p, k_p, v_p, dq, dk, dv)
-    tangent_fn = _fused_jvp_attention() if _use_fused(inputs) else attention_with_tangent
-    out, tangent = tangent_fn(*inputs, key_mask)
+    out, tangent = attention_and_tangent(q_p, k_p, v_p, dq, dk, dv, key_mask)
     return fwAD.make_dual(out, tangent)
+
+
+def attention_and_tangent(q, k, v, dq, dk, dv, key_mask=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Output and tangent of ``attention``: the fused Triton kernel where it applies, else blockwise.
+    Any of dq, dk, dv may be None (no tangent)."""
+    inputs = (q, k, v, dq, dk, dv)
+    tangent_fn = _fused_jvp_attention() if _use_fused(inputs) else attention_with_tangent
+    return tangent_fn(*inputs, key_mask)
 
 
 def _use_fused(inputs) -> bool:
@@ -111,34 +117,47 @@ def attention_with_tangent(q, k, v, dq, dk, dv, key_mask=None, block_size: int |
         bias = torch.zeros(key_mask.shape, dtype=q.dtype, device=q.device)
         bias = bias.masked_fill(~key_mask, float("-inf"))[:, None, None, :]
 
+    # The scale folded into the queries once (not into two N x N score matrices); fewer, taller
+    # matmuls: s (dq k^T + q dk^T) = [s dq | s q] [k | dk]^T, and P v, P dv = P [v | dv].
+    q = q * scale
+    dq = None if dq is None else dq * scale
+    k_t = k.transpose(-2, -1)
+    score_keys = None if dk is None else torch.cat([k_t, dk.transpose(-2, -1)], dim=-2)
+    values = v if dv is None else torch.cat([v, dv], dim=-1)
+    if block_size >= n_q:  # one block: no copies into the outputs
+        return _block(q, dq, k_t, score_keys, values, bias)
     out = torch.empty_like(q)
     d_out = torch.empty_like(q)
-    k_t = k.transpose(-2, -1)
     for start in range(0, n_q, block_size):
         rows = slice(start, min(start + block_size, n_q))
         out[:, :, rows], d_out[:, :, rows] = _block(q[:, :, rows], None if dq is None else dq[:, :, rows],
-                                                    k_t, dk, v, dv, bias, scale)
+                                                    k_t, score_keys, values, bias)
     return out, d_out
 
 
-def _block(q, dq, k_t, dk, v, dv, bias, scale):
-    scores = torch.matmul(q, k_t).mul_(scale)
+def _block(q, dq, k_t, score_keys, values, bias):
+    """One block of queries, q and dq already scaled. ``score_keys`` is [k | dk]^T (None: dk = 0);
+    ``values`` is [v | dv] (or v: dv = 0)."""
+    d = q.shape[-1]
+    scores = torch.matmul(q, k_t)
     if bias is not None:
         scores.add_(bias)
     probs = torch.softmax(scores, dim=-1)
     del scores
-    out = torch.matmul(probs, v)
+    both = torch.matmul(probs, values)
+    out = both[..., :d]
+    d_out = torch.zeros_like(out) if both.shape[-1] == d else both[..., d:]
 
     d_scores = None
-    if dq is not None:
+    if score_keys is not None:
+        queries = q if dq is None else torch.cat([dq, q], dim=-1)
+        keys = score_keys[..., d:, :] if dq is None else score_keys
+        d_scores = torch.matmul(queries, keys)
+    elif dq is not None:
         d_scores = torch.matmul(dq, k_t)
-    if dk is not None:
-        term = torch.matmul(q, dk.transpose(-2, -1))
-        d_scores = term if d_scores is None else d_scores.add_(term)
-    d_out = torch.zeros_like(out) if dv is None else torch.matmul(probs, dv)
     if d_scores is not None:
-        weighted = d_scores.mul_(probs).mul_(scale)  # P * dS, in place: d_scores is not needed again
-        d_out.add_(torch.matmul(weighted, v)).sub_(weighted.sum(-1, keepdim=True) * out)
+        weighted = d_scores.mul_(probs)  # P * dS, in place: d_scores is not needed again
+        d_out = d_out + torch.matmul(weighted, values[..., :d]) - weighted.sum(-1, keepdim=True) * out
     return out, d_out
 
 

@@ -9,7 +9,8 @@ its regression target
 and the loss is the adaptive-weighted ||u - sg(u_tgt)||^2, weight 1 / (||err||^2 + c)^p.
 
 Because u_tgt is stop-gradient, the step runs in two passes (docs/findings.md §3):
-  1. du/dt by forward-mode AD under no_grad, in float32 even under bf16 autocast, on the rows
+  1. du/dt by a JVP under no_grad (our DiT: a hand-written primal-and-tangent pass; any other
+     network: forward-mode AD), in float32 even under bf16 autocast, on the rows
      with r != t only (rows with r = t have target v and need no derivative);
   2. an ordinary forward with gradients (and activation checkpointing, if the model has it on).
 
@@ -38,6 +39,8 @@ import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn as nn
 
+from emf_dist.model import VelocityNet
+from emf_dist.model_jvp import ParameterScope, velocity_and_tangent
 from emf_dist.samplers import cond_and_uncond
 from emf_dist.time_sampling import TimeSamplerConfig, sample_times
 
@@ -52,7 +55,10 @@ class MeanFlowConfig:
     guidance_w: float = 1.0  # w in v_g = w v + (1 - w - k) u_uncond + k u_cond; w = 1, k = 0: no folding
     guidance_k: float = 0.0  # k above
     velocity: Literal["data", "teacher"] = "data"  # v = e - x, or the fine-tuning parent's prediction at (z_t, t)
-    jvp: Literal["forward_ad", "finite_difference"] = "forward_ad"  # how du/dt is computed
+    # How du/dt is computed. "explicit": our DiT's hand-written primal-and-tangent pass
+    # (emf_dist/model_jvp.py); "forward_ad": PyTorch's forward-mode AD, for any network (the
+    # diffusers backbones); "auto": explicit for our DiT, forward_ad otherwise.
+    jvp: Literal["auto", "explicit", "forward_ad", "finite_difference"] = "auto"
     # Step of the central finite difference. The time embedding's frequencies reach 1000 rad per
     # unit t, so the difference is exact only in float64 with a tiny step: an oracle, not a default.
     fd_eps: float = 1e-4
@@ -89,18 +95,31 @@ def _row_slice(values: tuple, rows: slice) -> tuple:
     return tuple(None if value is None else value[rows] for value in values)
 
 
-def time_derivative(net: nn.Module, z, r, t, velocity, text: tuple, drop, cfg: MeanFlowConfig) -> torch.Tensor:
-    """du/dt along the flow: the JVP of u(z, r, t) with tangents (velocity, 0, 1). No gradients."""
+def jvp_method(net: nn.Module, cfg: MeanFlowConfig) -> str:
+    """The method ``cfg.jvp`` resolves to for ``net``."""
+    if cfg.jvp == "auto":
+        return "explicit" if isinstance(net, VelocityNet) else "forward_ad"
+    if cfg.jvp == "explicit" and not isinstance(net, VelocityNet):
+        raise ValueError(f"objective.jvp: explicit is written for our DiT, not {type(net).__name__}; "
+                         "use forward_ad (or auto)")
+    return cfg.jvp
+
+
+def time_derivative(net: nn.Module, z, r, t, velocity, text: tuple, drop, cfg: MeanFlowConfig,
+                    parameters_of: ParameterScope | None = None) -> torch.Tensor:
+    """du/dt along the flow: the JVP of u(z, r, t) with tangents (velocity, 0, 1). No gradients.
+    ``parameters_of`` makes partitioned (ZeRO-3) parameters present for the explicit pass."""
     if 0 < cfg.jvp_chunk < z.shape[0]:  # rows are independent: chunks of them bound the pass's memory
         whole, chunks = replace(cfg, jvp_chunk=0), []
         for start in range(0, z.shape[0], cfg.jvp_chunk):
             rows = slice(start, start + cfg.jvp_chunk)
             z_rows, r_rows, t_rows, v_rows, drop_rows = _row_slice((z, r, t, velocity, drop), rows)
             chunks.append(time_derivative(net, z_rows, r_rows, t_rows, v_rows, _row_slice(text, rows), drop_rows,
-                                          whole))
+                                          whole, parameters_of))
         return torch.cat(chunks)
+    method = jvp_method(net, cfg)
     with torch.no_grad():
-        if cfg.jvp == "finite_difference":
+        if method == "finite_difference":
             eps = cfg.fd_eps
             ahead = net(z + eps * velocity, r, t + eps, *text, drop)
             behind = net(z - eps * velocity, r, t - eps, *text, drop)
@@ -109,6 +128,9 @@ def time_derivative(net: nn.Module, z, r, t, velocity, text: tuple, drop, cfg: M
         if cfg.jvp_float32:
             z, r, t, velocity = z.float(), r.float(), t.float(), velocity.float()
             precision = torch.autocast(z.device.type, enabled=False)
+        if method == "explicit":
+            with precision:
+                return velocity_and_tangent(net, z, r, t, *text, drop, velocity, torch.ones_like(t), parameters_of)[1]
         with precision, fwAD.dual_level():
             u = net(fwAD.make_dual(z, velocity), r, fwAD.make_dual(t, torch.ones_like(t)), *text, drop)
             return fwAD.unpack_dual(u).tangent
@@ -142,14 +164,16 @@ class MeanFlowLoss:
     ``model`` runs the gradient pass and may be a wrapper (DeepSpeed engine, DDP) that syncs
     gradients; ``net`` (default: model) is the plain module used for the no-grad passes,
     since forward-mode AD does not run through such wrappers (docs/findings.md §11). ``teacher``
-    (frozen, no gradients) supplies v when ``cfg.velocity`` is "teacher".
+    (frozen, no gradients) supplies v when ``cfg.velocity`` is "teacher". ``parameters_of``: see
+    time_derivative (the trainer's ZeRO-3 gather).
     """
 
-    def __init__(self, cfg: MeanFlowConfig, teacher: nn.Module | None = None):
+    def __init__(self, cfg: MeanFlowConfig, teacher: nn.Module | None = None,
+                 parameters_of: ParameterScope | None = None):
         if (cfg.velocity == "teacher") != (teacher is not None):
             raise ValueError(f"velocity: {cfg.velocity} " + ("needs a teacher model (the fine-tuning parent)"
                              if teacher is None else "takes no teacher model"))
-        self.cfg, self.teacher = cfg, teacher
+        self.cfg, self.teacher, self.parameters_of = cfg, teacher, parameters_of
 
     def __call__(self, model, x, text_tokens, text_mask, text_pooled, progress: float = 0.0, *,
                  net: nn.Module | None = None, generator: torch.Generator | None = None):
@@ -174,7 +198,8 @@ class MeanFlowLoss:
         jvp_start = time.perf_counter()
         if len(jvp_rows):
             rows = lambda a: a.index_select(0, jvp_rows)  # noqa: E731
-            du_dt = time_derivative(net, rows(z), rows(r), rows(t), rows(v), tuple(map(rows, text)), rows(drop), cfg)
+            du_dt = time_derivative(net, rows(z), rows(r), rows(t), rows(v), tuple(map(rows, text)), rows(drop), cfg,
+                                     self.parameters_of)
             gap = rows(t) - rows(r)
             target = v.index_add(0, jvp_rows, -expand(gap) * du_dt.to(v.dtype))
         jvp_seconds = time.perf_counter() - jvp_start  # host time: on CUDA only meaningful after a sync

@@ -7,6 +7,7 @@
     worker.py            the per-rank loop: DeepSpeed engine, shard stream, MeanFlow step, checkpoints
     engine.py            the DeepSpeed config and engine from the typed config
     zero3_forward_ad.py  the identity `jvp` that lets ZeRO-3's hooks run under forward-mode AD
+    zero3_gather.py      ZeRO-3's parameters, gathered piece by piece, for the hand-written JVP pass
     shard_loader.py      resampled, seeded, resumable WebDataset streaming per rank
     checkpoint.py        checkpoints: DeepSpeed shards + EMA + RNG + data position, loaded with weights_only
     train_state.py       TrainState: one rank's step, data position and counters, as checkpoints hold it

@@ -13,6 +13,7 @@ import os
 
 import torch.nn as nn
 
+from emf_dist.meanflow import jvp_method
 from emf_dist.train.config import TrainConfig
 from emf_dist.train.setup import build_optimizer
 
@@ -57,7 +58,16 @@ def build_engine(model: nn.Module, cfg: TrainConfig, world_size: int, on_gpu: bo
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, optimizer=optimizer,
                                            lr_scheduler=schedule, config=deepspeed_config(cfg, world_size),
                                            dist_init_required=False)
-    if cfg.zero.stage == 3 and cfg.objective.mode != "flow_matching" and cfg.objective.jvp == "forward_ad":
+    if cfg.zero.stage == 3 and cfg.objective.mode != "flow_matching" \
+            and jvp_method(engine.module, cfg.objective) == "forward_ad":
         from emf_dist.train.zero3_forward_ad import enable_forward_ad
         enable_forward_ad(engine.module)
     return engine
+
+
+def jvp_parameter_scope(cfg: TrainConfig):
+    """What the hand-written JVP pass needs to read partitioned parameters: ZeRO-3's gather, else nothing."""
+    if cfg.zero.stage == 3:
+        from emf_dist.train.zero3_gather import gathered
+        return gathered
+    return None

@@ -15,6 +15,7 @@ from emf_dist.backbones.adapter import BackboneConfig
 from emf_dist.manifest import read_manifest
 from emf_dist.meanflow import MeanFlowLoss
 from emf_dist.model import VelocityNet
+from emf_dist.model_jvp import ParameterScope
 from emf_dist.split_distill import SplitDistillLoss
 from emf_dist.train.config import OptimConfig, TrainConfig
 from emf_dist.train.shard_loader import BatchIterator, stream_spec
@@ -50,10 +51,12 @@ def build_teacher(cfg: TrainConfig, parent: VelocityNet | None, device) -> Veloc
     return parent.to(device).eval().requires_grad_(False)
 
 
-def build_objective(cfg: TrainConfig, teacher: VelocityNet | None) -> MeanFlowLoss | SplitDistillLoss:
+def build_objective(cfg: TrainConfig, teacher: VelocityNet | None,
+                    parameters_of: ParameterScope | None = None) -> MeanFlowLoss | SplitDistillLoss:
+    """``parameters_of``: how the JVP pass reaches partitioned parameters (the engine's, under ZeRO-3)."""
     if cfg.mode == "meanflow_distill":
         return SplitDistillLoss(cfg.distill, teacher)
-    return MeanFlowLoss(cfg.objective, teacher=teacher)
+    return MeanFlowLoss(cfg.objective, teacher=teacher, parameters_of=parameters_of)
 
 
 def build_optimizer(model: nn.Module, optim: OptimConfig, total_steps: int):

@@ -26,7 +26,7 @@ from emf_dist.ema import EMA
 from emf_dist.model import VelocityNet
 from emf_dist.train.checkpoint import load_checkpoint, save_checkpoint
 from emf_dist.train.config import TrainConfig
-from emf_dist.train.engine import build_engine
+from emf_dist.train.engine import build_engine, jvp_parameter_scope
 from emf_dist.train.faults import fault_injector
 from emf_dist.train.run_logger import RunLogger
 from emf_dist.train.setup import build_batches, build_model, build_objective, build_teacher, objective_generator
@@ -87,7 +87,7 @@ class Trainer:
         # On the device (an update per step reads every weight) and before ZeRO-3 partitions them.
         self.ema = EMA(model, cfg.ema_decay)
         self.engine = build_engine(model, cfg, self.world, self.on_gpu)
-        self.objective = build_objective(cfg, build_teacher(cfg, parent, self.device))
+        self.objective = build_objective(cfg, build_teacher(cfg, parent, self.device), jvp_parameter_scope(cfg))
         self.generator = objective_generator(cfg, self.rank, self.device)
         self.grad_norm = 0.0  # of the last optimizer step; ZeRO-0 only (stages >= 1 keep their own)
         self.faults = fault_injector(cfg, self.rank)  # None in an ordinary run
