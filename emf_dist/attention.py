@@ -31,8 +31,10 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 
 # Score-matrix elements per query block in the JVP pass (float32: 4 bytes each). Four such
-# temporaries live at once, so 8M elements keep the pass under ~128 MiB whatever N is.
-JVP_BLOCK_ELEMENTS = 8 * 1024 * 1024
+# temporaries live at once, so 2M elements keep them under ~32 MiB whatever N is: small enough
+# that the pass stays under the checkpointed gradient pass (whose fused attention holds no
+# scores), large enough that the matmuls stay efficient (docs/benchmarks.md).
+JVP_BLOCK_ELEMENTS = 2 * 1024 * 1024
 
 JvpBackend = Literal["auto", "triton", "blockwise"]
 # "auto": the fused Triton kernel for CUDA tensors when triton is installed and no gradient is
