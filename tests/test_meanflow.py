@@ -11,13 +11,7 @@ from emf_dist.model import VelocityNet
 from emf_dist.time_sampling import TimeSamplerConfig
 from tests.helpers import random_text, randomised, tiny_config
 
-
-@pytest.fixture(autouse=True)
-def _float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def _setup(batch=4, seed=0, **model_overrides):
