@@ -26,6 +26,21 @@ Classifier-free guidance: text is dropped to the model's null condition at rate
 v_g = w v + (1 - w - k) u_uncond + k u_cond for the rows that keep their text, u_* being the
 network's own predictions at r = t, so 1-step sampling needs one network evaluation. With a
 teacher, guidance uses the teacher's predictions: v_g = w v_cond + (1 - w) v_uncond.
+
+Interval splitting (SplitMeanFlow, ``split_share``). The average velocity is additive over a split
+r < s < t of its interval,
+
+    (t - r) u(z_t, r, t) = (s - r) u(z_s, r, s) + (t - s) u(z_t, s, t),   z_s = z_t - (t - s) u(z_t, s, t),
+
+so the network's own two shorter predictions (no gradients) give a target for the long one with no
+JVP. That share of the r != t rows, the longest intervals of the batch, regresses on it, s uniform
+in (r, t) as in the paper: long intervals are where the JVP target is poorest and where one-step
+sampling asks, and rows with ``time.full_interval`` at (0, 1) are the longest of all, so they take
+the split target first. Those rows need no velocity v: the target is the field the network has
+learnt, which with folded guidance is already the guided one for rows that keep their text, and
+both predictions take the row's own text or null condition. The rest of the objective (r = t
+rows, the other r != t rows, the loss weight) is unchanged; split_share 0 is the objective
+without it, draw for draw.
 """
 
 from __future__ import annotations
@@ -42,6 +57,7 @@ import torch.nn as nn
 from emf_dist.model import VelocityNet
 from emf_dist.model_jvp import ParameterScope, velocity_and_tangent
 from emf_dist.samplers import cond_and_uncond
+from emf_dist.split_distill import split_average_velocity
 from emf_dist.time_sampling import TimeSamplerConfig, sample_times
 
 
@@ -68,6 +84,9 @@ class MeanFlowConfig:
     # plan" in docs/benchmarks.md); chunks bound it, at one more, smaller pass per chunk (under
     # ZeRO-3 one more gather of the weights each).
     jvp_chunk: int = 0
+    # Share of the r != t rows, the longest intervals first, whose target is the interval-splitting one
+    # built from the network's own predictions instead of the JVP (module docstring).
+    split_share: float = 0.0
 
     @property
     def folds_guidance(self) -> bool:
@@ -84,6 +103,10 @@ class MeanFlowConfig:
                             "guidance is w v_cond + (1 - w) v_uncond of the teacher: set guidance_k to 0")
         if self.adaptive_p < 0 or self.adaptive_c <= 0:
             problems.append(f"need adaptive_p >= 0 and adaptive_c > 0, got {self.adaptive_p}, {self.adaptive_c}")
+        if not 0.0 <= self.split_share <= 1.0:
+            problems.append(f"split_share is a share of the r != t rows and must lie in [0, 1], got {self.split_share}")
+        if self.split_share > 0 and self.mode == "flow_matching":
+            problems.append("split_share splits intervals r < t; flow matching trains at r = t only: set it to 0")
         if self.fd_eps <= 0:
             problems.append(f"fd_eps must be > 0, got {self.fd_eps}")
         if self.jvp_chunk < 0:
@@ -136,6 +159,19 @@ def time_derivative(net: nn.Module, z, r, t, velocity, text: tuple, drop, cfg: M
             return fwAD.unpack_dual(u).tangent
 
 
+def split_rows(r: torch.Tensor, t: torch.Tensor, share: float) -> torch.Tensor:
+    """Indices of round(share x the number of r != t rows) rows, the longest intervals t - r (ties in row order)."""
+    count = round(share * int((r != t).sum()))
+    longest_first = torch.where(r != t, t - r, -1.0).argsort(descending=True, stable=True)
+    return longest_first[:count]
+
+
+def split_target(net: nn.Module, z, r, t, split_point, text: tuple, drop) -> torch.Tensor:
+    """sg target of u(z_t, r, t): the network's own u over [r, s] and [s, t], s = t - split_point (t - r)."""
+    s = t - split_point * (t - r)
+    return split_average_velocity(net, z, torch.stack([t, s, r]), *text, drop)
+
+
 def guided_velocity(net: nn.Module, z, t, v, text: tuple, drop, cfg: MeanFlowConfig) -> torch.Tensor:
     """MeanFlow's training-time guidance: v_g for rows that keep their text, v for dropped rows."""
     if not cfg.folds_guidance:
@@ -186,6 +222,9 @@ class MeanFlowLoss:
             r = t
         drop = torch.rand(batch, generator=generator, device=device) < cfg.text_drop
         noise = torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype)
+        if cfg.split_share > 0:  # drawn only then, so that split_share 0 keeps the draws of the plain objective
+            split_point = torch.rand(batch, generator=generator, device=device)
+        split = split_rows(r, t, cfg.split_share)
         expand = lambda s: s.view(-1, 1, 1, 1).to(x.dtype)  # noqa: E731
         z = (1 - expand(t)) * x + expand(t) * noise
         if self.teacher is not None:
@@ -194,7 +233,9 @@ class MeanFlowLoss:
             v = guided_velocity(net, z, t, noise - x, text, drop, cfg)
 
         target = v
-        jvp_rows = (r != t).nonzero().squeeze(1)
+        jvp_mask = r != t
+        jvp_mask[split] = False
+        jvp_rows = jvp_mask.nonzero().squeeze(1)
         jvp_start = time.perf_counter()
         if len(jvp_rows):
             rows = lambda a: a.index_select(0, jvp_rows)  # noqa: E731
@@ -203,10 +244,15 @@ class MeanFlowLoss:
             gap = rows(t) - rows(r)
             target = v.index_add(0, jvp_rows, -expand(gap) * du_dt.to(v.dtype))
         jvp_seconds = time.perf_counter() - jvp_start  # host time: on CUDA only meaningful after a sync
+        if len(split):
+            rows = lambda a: a.index_select(0, split)  # noqa: E731
+            split_u = split_target(net, rows(z), rows(r), rows(t), rows(split_point), tuple(map(rows, text)), rows(drop))
+            target = target.index_copy(0, split, split_u.to(target.dtype))
 
         u = model(z, r, t, *text, drop)
         precision = torch.promote_types(u.dtype, torch.float32)  # reduce bf16 outputs in float32
         err = (u.to(precision) - target.detach().to(precision)).pow(2).flatten(1).mean(1)
         weight = (err.detach() + cfg.adaptive_c).pow(-cfg.adaptive_p)
         loss = (weight * err).mean()
-        return loss, {"mse": err.mean().detach(), "jvp_rows": len(jvp_rows), "jvp_seconds": jvp_seconds}
+        return loss, {"mse": err.mean().detach(), "jvp_rows": len(jvp_rows), "jvp_seconds": jvp_seconds,
+                      "split_rows": len(split)}

@@ -1,0 +1,164 @@
+"""The MeanFlow objective's interval-splitting rows (MeanFlowConfig.split_share) against independent
+references, in float64: an exact flow map whose split target is its own prediction, the loss and
+gradients written out row by row, and split_share 0 as the plain objective, draw for draw."""
+
+import pytest
+import torch
+import torch.autograd.forward_ad as fwAD
+
+from emf_dist.meanflow import MeanFlowConfig, MeanFlowLoss, split_target
+from emf_dist.model import VelocityNet
+from emf_dist.time_sampling import TimeSamplerConfig, sample_times
+from tests.helpers import random_text, randomised, tiny_config
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+class GaussianFlowMap(torch.nn.Module):
+    """The exact average velocity of the flow z_t = (1 - t) x + t e for x ~ N(0, sigma^2 I), e ~ N(0, I).
+
+    The marginal of z_t is N(0, a_t^2 I), a_t^2 = (1 - t)^2 sigma^2 + t^2, and its probability-flow ODE
+    is linear, dz/dt = (a_t' / a_t) z, so the flow map is z_r = (a_r / a_t) z_t and
+    u(z_t, r, t) = z_t (1 - a_r / a_t) / (t - r). The velocity changes along the path, so the split's two
+    sub-interval velocities differ and only the right weights recover u. sigma depends on the condition
+    (2 with text, 0.5 dropped), so both evaluations must take the row's own condition."""
+
+    def forward(self, z, r, t, tokens, mask, pooled, drop=None):
+        kept = torch.ones_like(t, dtype=torch.bool) if drop is None else ~drop
+        sigma = torch.where(kept, 2.0, 0.5)
+        a = lambda s: ((1 - s) ** 2 * sigma ** 2 + s ** 2).sqrt()  # noqa: E731
+        return z * ((1 - a(r) / a(t)) / (t - r)).view(-1, 1, 1, 1)
+
+
+def test_the_split_target_of_an_exact_flow_map_is_its_own_prediction_for_any_split():
+    net = GaussianFlowMap()
+    gen = torch.Generator().manual_seed(0)
+    batch = 6
+    z = torch.randn(batch, 3, 4, 4, generator=gen)
+    r = torch.tensor([0.0, 0.0, 0.1, 0.3, 0.05, 0.6])
+    t = torch.tensor([1.0, 0.5, 0.9, 0.35, 1.0, 0.95])
+    drop = torch.tensor([False, True, False, True, True, False])
+    text = random_text(batch, 5, 12, dtype=torch.float64)
+    exact = net(z, r, t, *text, drop)
+    for split_point in (torch.full((batch,), 0.5), torch.full((batch,), 0.01), torch.rand(batch, generator=gen)):
+        torch.testing.assert_close(split_target(net, z, r, t, split_point, text, drop), exact, rtol=0, atol=1e-10)
+    # Not a vacuous identity: the two halves' velocities differ, and a swapped weighting misses.
+    s = t - 0.5 * (t - r)
+    late = net(z, s, t, *text, drop)
+    early = net(z - (t - s).view(-1, 1, 1, 1) * late, r, s, *text, drop)
+    assert (early - late).abs().max() > 0.1
+    swapped_point = torch.full((batch,), 0.25)
+    s = t - 0.25 * (t - r)
+    late = net(z, s, t, *text, drop)
+    early = net(z - (t - s).view(-1, 1, 1, 1) * late, r, s, *text, drop)
+    swapped = (0.25 * early + 0.75 * late)  # the weights of s = t - 0.75 (t - r), not of this split
+    assert (swapped - split_target(net, z, r, t, swapped_point, text, drop)).abs().max() > 1e-3
+
+
+def _setup(batch, seed=0):
+    cfg = tiny_config()
+    torch.manual_seed(seed)
+    net = randomised(VelocityNet(cfg).double(), seed=seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(batch, cfg.in_channels, cfg.input_size, cfg.input_size, generator=gen)
+    return net, x, random_text(batch, 5, cfg.text_dim, seed=seed + 2, dtype=torch.float64)
+
+
+def _reference_loss(net, x, text, cfg: MeanFlowConfig, gen: torch.Generator):
+    """The objective written out row by row (v = e - x, no folded guidance): the draws in their documented
+    order (times, text drop, noise, then the split points only if split_share > 0); split rows are the
+    longest r != t intervals, each target from the network's own two MeanFlow steps over [r, s], [s, t];
+    the other r != t rows take the MeanFlow target by forward-mode AD; r = t rows take v."""
+    batch = x.shape[0]
+    r, t = sample_times(cfg.time, batch, 0.0, generator=gen)
+    drop = torch.rand(batch, generator=gen) < cfg.text_drop
+    noise = torch.randn(x.shape, generator=gen)
+    split_point = torch.rand(batch, generator=gen) if cfg.split_share > 0 else None
+    intervals = [i for i in range(batch) if r[i] != t[i]]
+    longest = sorted(intervals, key=lambda i: (-float(t[i] - r[i]), i))
+    split = set(longest[:round(cfg.split_share * len(intervals))])
+
+    z = (1 - t.view(-1, 1, 1, 1)) * x + t.view(-1, 1, 1, 1) * noise
+    v = noise - x
+    targets = []
+    for i in range(batch):
+        one = lambda a: a[i:i + 1]  # noqa: E731
+        row_text = tuple(map(one, text))
+        if i in split:
+            s = t[i] - split_point[i] * (t[i] - r[i])
+            with torch.no_grad():
+                u_late = net(one(z), s.view(1), one(t), *row_text, one(drop))
+                z_s = one(z) - (t[i] - s) * u_late
+                u_early = net(z_s, one(r), s.view(1), *row_text, one(drop))
+            targets.append(((s - r[i]) * u_early + (t[i] - s) * u_late) / (t[i] - r[i]))
+        elif r[i] != t[i]:
+            with fwAD.dual_level():
+                out = net(fwAD.make_dual(one(z), one(v)), one(r), fwAD.make_dual(one(t), torch.ones(1)),
+                          *row_text, one(drop))
+                du_dt = fwAD.unpack_dual(out).tangent
+            targets.append((one(v) - (t[i] - r[i]) * du_dt).detach())
+        else:
+            targets.append(one(v))
+    u = net(z, r, t, *text, drop)
+    err = (u - torch.cat(targets)).pow(2).flatten(1).mean(1)
+    weight = (err.detach() + cfg.adaptive_c).pow(-cfg.adaptive_p)
+    return (weight * err).mean(), len(split), len(intervals) - len(split)
+
+
+def _loss_and_grads(loss, net):
+    return loss, torch.autograd.grad(loss, list(net.parameters()))
+
+
+@pytest.mark.parametrize("split_share, expected_split, expected_jvp", [(0.5, 3, 3), (1.0, 6, 0), (0.0, 0, 6)])
+def test_loss_and_gradients_equal_a_row_by_row_float64_reference(split_share, expected_split, expected_jvp):
+    # 8 rows, 6 of them r != t, 2 of those at (0, 1): with split_share 0.5 the split rows are the two
+    # full intervals and the longest of the other four.
+    cfg = MeanFlowConfig(time=TimeSamplerConfig(r_neq_t=0.75, full_interval=0.34), text_drop=0.3,
+                         adaptive_p=0.5, jvp_float32=False, split_share=split_share)
+    net, x, text = _setup(batch=8)
+    gen = torch.Generator().manual_seed(11)
+    loss, grads = _loss_and_grads(MeanFlowLoss(cfg)(net, x, *text, generator=gen)[0], net)
+    _, stats = MeanFlowLoss(cfg)(net, x, *text, generator=torch.Generator().manual_seed(11))
+    reference_gen = torch.Generator().manual_seed(11)
+    reference, split_count, jvp_count = _reference_loss(net, x, text, cfg, reference_gen)
+    reference, reference_grads = _loss_and_grads(reference, net)
+
+    assert (stats["split_rows"], stats["jvp_rows"]) == (split_count, jvp_count) == (expected_split, expected_jvp)
+    torch.testing.assert_close(loss, reference, rtol=1e-12, atol=0)
+    for got, want in zip(grads, reference_grads):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+    # The same random draws, no more: the generators end in the same state.
+    assert torch.equal(gen.get_state(), reference_gen.get_state())
+
+
+def test_split_share_zero_is_the_plain_objective_draw_for_draw():
+    """The default config and split_share 0 draw the same numbers and give the same loss and gradients;
+    a split share changes only the split rows' targets, and draws one number per row more."""
+    time_cfg = TimeSamplerConfig(r_neq_t=0.75)
+    net, x, text = _setup(batch=8, seed=4)
+    results = {}
+    for name, cfg in {"default": MeanFlowConfig(time=time_cfg, jvp_float32=False),
+                      "zero": MeanFlowConfig(time=time_cfg, jvp_float32=False, split_share=0.0),
+                      "split": MeanFlowConfig(time=time_cfg, jvp_float32=False, split_share=0.5)}.items():
+        gen = torch.Generator().manual_seed(2)
+        loss, stats = MeanFlowLoss(cfg)(net, x, *text, generator=gen)
+        results[name] = (*_loss_and_grads(loss, net), gen.get_state(), stats)
+    default, zero, split = results["default"], results["zero"], results["split"]
+    assert torch.equal(default[0], zero[0]) and torch.equal(default[2], zero[2])
+    assert all(torch.equal(a, b) for a, b in zip(default[1], zero[1]))
+    assert zero[3]["split_rows"] == 0 and zero[3]["jvp_rows"] == 6
+    assert split[3]["split_rows"] == 3 and split[3]["jvp_rows"] == 3
+    assert not torch.equal(split[0], zero[0]) and not torch.equal(split[2], zero[2])
+
+
+def test_split_share_is_validated():
+    assert any("split_share" in p for p in MeanFlowConfig(split_share=1.5).validate())
+    assert any("split_share" in p for p in MeanFlowConfig(split_share=-0.1).validate())
+    assert any("flow matching" in p for p in MeanFlowConfig(mode="flow_matching", split_share=0.25).validate())
+    assert not MeanFlowConfig(split_share=0.5).validate()
