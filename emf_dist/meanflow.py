@@ -74,7 +74,9 @@ class MeanFlowConfig:
     fd_eps: float = 1e-4
     jvp_float32: bool = True  # run the JVP pass in float32 with autocast off (bf16 JVPs diverge)
     # Share of the r != t rows, the longest intervals first, whose target is the interval-splitting one
-    # built from the network's own predictions instead of the JVP (module docstring).
+    # built from the network's own predictions instead of the JVP (module docstring). The JVP rows left
+    # on the shorter intervals anchor that self-referential target: without them it diverges
+    # (docs/benchmarks.md, "interval splitting inside the fine-tune").
     split_share: float = 0.0
 
     @property
