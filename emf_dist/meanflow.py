@@ -85,7 +85,9 @@ class MeanFlowConfig:
     # ZeRO-3 one more gather of the weights each).
     jvp_chunk: int = 0
     # Share of the r != t rows, the longest intervals first, whose target is the interval-splitting one
-    # built from the network's own predictions instead of the JVP (module docstring).
+    # built from the network's own predictions instead of the JVP (module docstring). The JVP rows left
+    # on the shorter intervals anchor that self-referential target: without them it diverges
+    # (docs/benchmarks.md, "interval splitting inside the fine-tune").
     split_share: float = 0.0
 
     @property
