@@ -23,8 +23,9 @@ The rules, module by module (a tangent is written d.):
   * Data prediction u = (z - x) / max(t, m):  du = (dz - dx) / max(t, m) - u dt [t >= m] / max(t, m).
 
 Runs under no_grad in whatever dtype its inputs have (the caller picks float32). Under ZeRO-3 the
-parameters a piece of the pass reads are only present inside ``parameters_of(those parameters)``, a context the trainer
-supplies (it gathers them); the default is the plain module.
+parameters a piece of the pass reads are only present inside ``parameters_of(those parameters)``,
+a context the trainer supplies (it gathers them); the default is the plain module. A module whose
+weights the pass reads itself is never also called (ZeRO-3 partitions them again after a forward).
 """
 
 from __future__ import annotations
@@ -162,7 +163,8 @@ def _linear(layer: nn.Linear, x, dx) -> Pair:
 
 
 def _patch_embed(conv: nn.Conv2d, z, dz) -> Pair:
-    y, dy = conv(z), F.conv2d(dz, conv.weight, stride=conv.stride)
+    # Not conv(z): under ZeRO-3 a module's forward hook partitions its weights again on return.
+    y, dy = F.conv2d(z, conv.weight, conv.bias, stride=conv.stride), F.conv2d(dz, conv.weight, stride=conv.stride)
     return y.flatten(2).transpose(1, 2), dy.flatten(2).transpose(1, 2)
 
 

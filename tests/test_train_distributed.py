@@ -113,13 +113,12 @@ def zero0_all_rows(dataset, tmp_path_factory):
     return train(run_config(dataset, str(tmp_path_factory.mktemp("z0")), "z0", zero__stage=0, **ALL_ROWS_JVP))
 
 
-@pytest.mark.parametrize("jvp", ["explicit", "forward_ad"])
-def test_zero3_meanflow_step_matches_zero0(dataset, zero0_all_rows, tmp_path, jvp):
-    """All rows r != t, so every step runs the JVP pass on ZeRO-3's partitioned parameters: the
-    hand-written pass gathers them block by block, forward-mode AD runs through the hooked modules.
-    The reference is ZeRO-0 with the hand-written pass (forward AD agrees with it to float32 rounding)."""
+def test_zero3_meanflow_step_matches_zero0(dataset, zero0_all_rows, tmp_path):
+    """All rows r != t, so every step runs the hand-written JVP pass on ZeRO-3's partitioned
+    parameters, gathered piece by piece. (Forward-mode AD through ZeRO-3's hooked modules, the
+    backbones' path, is held to ZeRO-0 in tests/test_pretrained_distributed.py.)"""
     zero0 = zero0_all_rows
-    zero3 = train(run_config(dataset, str(tmp_path), "z3", zero__stage=3, objective__jvp=jvp, **ALL_ROWS_JVP))
+    zero3 = train(run_config(dataset, str(tmp_path), "z3", zero__stage=3, **ALL_ROWS_JVP))
     a, b = consolidated_weights(zero0.checkpoint), consolidated_weights(zero3.checkpoint)
     for name in a:  # float32 sums reduced in a different order: agreement to ~1e-6 after 3 Adam steps
         torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5, msg=name)
