@@ -75,11 +75,7 @@ def main(argv: list[str]) -> None:
                   threads=args.threads)
              for size, checkpointing, _, r_neq_t, jvp in configs]
     results = dict(zip([c[:3] for c in configs], best_over_rounds("benchmarks.meanflow_step", specs, rounds)))
-    rows = []
-    for (size, checkpointing, name), r in results.items():
-        label = f"{size} ({r['params'] / 1e6:.1f} M, batch {SIZES[size]['batch']})"
-        rows.append((label, checkpointing, name, r, results[(size, checkpointing, "flow matching")]))
-    print_ratio_table(rows)
+    print_ratio_table(results, lambda size, r: f"{size} ({r['params'] / 1e6:.1f} M, batch {SIZES[size]['batch']})")
 
 
 if __name__ == "__main__":

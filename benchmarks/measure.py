@@ -83,12 +83,14 @@ def best_over_rounds(module: str, specs: list[dict], rounds: int) -> list[dict]:
     return best
 
 
-def print_ratio_table(rows: list[tuple[str, bool, str, dict, dict]]) -> None:
-    """Markdown rows (model, checkpointing, step, result, its flow-matching result): time and peak
-    memory, each beside its ratio to the flow-matching step of the same model and checkpointing."""
+def print_ratio_table(results: dict[tuple[str, bool, str], dict], label: Callable[[str, dict], str]) -> None:
+    """Markdown rows of ``results`` keyed (model, checkpointing, step): time and peak memory, each beside
+    its ratio to the "flow matching" step of the same model and checkpointing; ``label(model, result)``
+    names the model's row."""
     print("| model | checkpointing | step | seconds | ratio to FM | peak MiB | ratio to FM |")
     print("|---|---|---|---|---|---|---|")
-    for model, checkpointing, step, r, fm in rows:
-        print(f"| {model} | {'on' if checkpointing else 'off'} | {step} | {r['seconds']:.3f} | "
+    for (model, checkpointing, step), r in results.items():
+        fm = results[(model, checkpointing, "flow matching")]
+        print(f"| {label(model, r)} | {'on' if checkpointing else 'off'} | {step} | {r['seconds']:.3f} | "
               f"{r['seconds'] / fm['seconds']:.2f} | {r['peak_mib']:.0f} | {r['peak_mib'] / fm['peak_mib']:.2f} |",
               flush=True)

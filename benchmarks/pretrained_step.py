@@ -76,11 +76,9 @@ def main(argv: list[str]) -> None:
     specs = [dict(model=model, checkpointing=checkpointing, r_neq_t=r_neq_t, repeats=repeats)
              for model, checkpointing, _, r_neq_t in configs]
     results = dict(zip([c[:3] for c in configs], best_over_rounds("benchmarks.pretrained_step", specs, rounds)))
-    rows = []
-    for (model, checkpointing, name), r in results.items():
-        label = f"{'SANA (adapted)' if model == 'sana' else 'DiT'} ({r['params'] / 1e6:.1f} M, batch {BATCH})"
-        rows.append((label, checkpointing, name, r, results[(model, checkpointing, "flow matching")]))
-    print_ratio_table(rows)
+    print_ratio_table(results, lambda model, r: f"{'SANA (adapted)' if model == 'sana' else 'DiT'} "
+                               f"({r['params'] / 1e6:.1f} M, batch {BATCH})")
+
 
 if __name__ == "__main__":
     if len(sys.argv) == 2 and sys.argv[1].startswith("{"):
