@@ -3,7 +3,7 @@
     python -m benchmarks.meanflow_finetune_variants --demo DEMO_DIR --name NAME [--steps 800]
         [--velocity data|teacher] [--guidance-w 1.0] [--adaptive-p 0.5] [--lr 5e-4]
         [--full-interval 0.0] [--r-neq-t 0.5 0.9] [--decay constant|cosine|linear] [--train-all]
-        [--ema-decay 0.999] [--split-share 0.0] [--seed 0] [--images-per-prompt 16] [--parent FM_EXPORT]
+        [--ema-decay 0.999] [--split-share 0.0] [--tangent velocity|model] [--seed 0] [--images-per-prompt 16] [--parent FM_EXPORT]
 
 DEMO_DIR is a finished `emf demo --out DEMO_DIR`: its shards and its exported flow-matching
 parent (or the one --parent names, e.g. from benchmarks.flow_matching_parent) are reused, so
@@ -62,6 +62,8 @@ def main() -> None:
                         help="train every parameter instead of EMF's blocks, time embeddings and final modulation")
     parser.add_argument("--split-share", type=float, default=0.0,
                         help="share of the r != t rows (the longest) on the interval-splitting target (objective.split_share)")
+    parser.add_argument("--tangent", choices=("velocity", "model"), default="velocity",
+                        help="the JVP's direction: v, or the network's own velocity (objective.tangent, iMF)")
     parser.add_argument("--seed", type=int, default=0, help="the fine-tune's seed (data order, noise, times)")
     parser.add_argument("--images-per-prompt", type=int, default=16)
     args = parser.parse_args()
@@ -77,7 +79,8 @@ def main() -> None:
                                  r_neq_t=args.r_neq_t[0], r_neq_t_end=args.r_neq_t[1],
                                  full_interval=args.full_interval)
     objective_cfg = MeanFlowConfig(adaptive_p=args.adaptive_p, time=time_cfg, velocity=args.velocity,
-                                   guidance_w=args.guidance_w, split_share=args.split_share)
+                                   guidance_w=args.guidance_w, split_share=args.split_share,
+                                   tangent=args.tangent)
     if problems := objective_cfg.validate():
         parser.error("; ".join(problems))
     teacher = parent.eval().requires_grad_(False) if args.velocity == "teacher" else None

@@ -21,6 +21,13 @@ unchanged; the target loses the variance of e - x, which is what long intervals 
 sampling) are slowest to average out (its effect on 1-step quality: docs/benchmarks.md). It
 costs one no-grad forward of the parent per step.
 
+Tangent (``tangent``). du/dt is the derivative along dz/dt; MeanFlow takes v itself as that
+tangent. ``tangent: model`` takes the network's own velocity u(z_t, t, t) at the row's condition
+instead (no gradients), as improved MeanFlow does (iMF, arXiv 2512.02012): the derivative then runs
+along the ODE the network itself samples, and the target's only noisy term is v. The loss is iMF's
+loss on V = u + (t - r) sg(du/dt) against v, written as ||u - sg(v - (t - r) du/dt)||^2 (the same
+value and gradient). It costs one more no-grad forward on the JVP rows.
+
 Classifier-free guidance: text is dropped to the model's null condition at rate
 ``text_drop``; with guidance folded into training (MeanFlow's recipe) the velocity becomes
 v_g = w v + (1 - w - k) u_uncond + k u_cond for the rows that keep their text, u_* being the
@@ -71,6 +78,7 @@ class MeanFlowConfig:
     guidance_w: float = 1.0  # w in v_g = w v + (1 - w - k) u_uncond + k u_cond; w = 1, k = 0: no folding
     guidance_k: float = 0.0  # k above
     velocity: Literal["data", "teacher"] = "data"  # v = e - x, or the fine-tuning parent's prediction at (z_t, t)
+    tangent: Literal["velocity", "model"] = "velocity"  # du/dt along v, or along the network's own u(z_t, t, t)
     # How du/dt is computed. "explicit": our DiT's hand-written primal-and-tangent pass
     # (emf_dist/model_jvp.py); "forward_ad": PyTorch's forward-mode AD, for any network (the
     # diffusers backbones); "auto": explicit for our DiT, forward_ad otherwise.
@@ -109,6 +117,8 @@ class MeanFlowConfig:
             problems.append(f"split_share is a share of the r != t rows and must lie in [0, 1], got {self.split_share}")
         if self.split_share > 0 and self.mode == "flow_matching":
             problems.append("split_share splits intervals r < t; flow matching trains at r = t only: set it to 0")
+        if self.tangent == "model" and self.mode == "flow_matching":
+            problems.append("tangent is the JVP's direction on r != t rows; flow matching has none: leave it at velocity")
         if self.fd_eps <= 0:
             problems.append(f"fd_eps must be > 0, got {self.fd_eps}")
         if self.jvp_chunk < 0:
@@ -159,6 +169,18 @@ def time_derivative(net: nn.Module, z, r, t, velocity, text: tuple, drop, cfg: M
         with precision, fwAD.dual_level():
             u = net(fwAD.make_dual(z, velocity), r, fwAD.make_dual(t, torch.ones_like(t)), *text, drop)
             return fwAD.unpack_dual(u).tangent
+
+
+def jvp_target(net: nn.Module, z, r, t, v, text: tuple, drop, cfg: MeanFlowConfig,
+               parameters_of: ParameterScope | None = None) -> torch.Tensor:
+    """MeanFlow's sg target v - (t - r) du/dt, du/dt along ``cfg.tangent`` (v, or the network's own velocity)."""
+    if cfg.tangent == "model":
+        with torch.no_grad():
+            tangent = net(z, t, t, *text, drop).to(v.dtype)
+    else:
+        tangent = v
+    du_dt = time_derivative(net, z, r, t, tangent, text, drop, cfg, parameters_of)
+    return v - (t - r).view(-1, 1, 1, 1).to(v.dtype) * du_dt.to(v.dtype)
 
 
 def split_rows(r: torch.Tensor, t: torch.Tensor, share: float) -> torch.Tensor:
@@ -241,10 +263,9 @@ class MeanFlowLoss:
         jvp_start = time.perf_counter()
         if len(jvp_rows):
             rows = lambda a: a.index_select(0, jvp_rows)  # noqa: E731
-            du_dt = time_derivative(net, rows(z), rows(r), rows(t), rows(v), tuple(map(rows, text)), rows(drop), cfg,
-                                     self.parameters_of)
-            gap = rows(t) - rows(r)
-            target = v.index_add(0, jvp_rows, -expand(gap) * du_dt.to(v.dtype))
+            row_target = jvp_target(net, rows(z), rows(r), rows(t), rows(v), tuple(map(rows, text)), rows(drop), cfg,
+                                    self.parameters_of)
+            target = target.index_copy(0, jvp_rows, row_target)
         jvp_seconds = time.perf_counter() - jvp_start  # host time: on CUDA only meaningful after a sync
         if len(split):
             rows = lambda a: a.index_select(0, split)  # noqa: E731

@@ -1,12 +1,13 @@
-"""The MeanFlow objective's interval-splitting rows (MeanFlowConfig.split_share) against independent
-references, in float64: an exact flow map whose split target is its own prediction, the loss and
-gradients written out row by row, and split_share 0 as the plain objective, draw for draw."""
+"""The MeanFlow objective's targets against independent references, in float64: the interval-splitting
+rows (MeanFlowConfig.split_share) and the JVP's tangent (MeanFlowConfig.tangent) on an exact flow map
+with a closed form, the loss and gradients written out row by row, and split_share 0 as the plain
+objective, draw for draw."""
 
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
 
-from emf_dist.meanflow import MeanFlowConfig, MeanFlowLoss, split_target
+from emf_dist.meanflow import MeanFlowConfig, MeanFlowLoss, jvp_target, split_target
 from emf_dist.model import VelocityNet
 from emf_dist.time_sampling import TimeSamplerConfig, sample_times
 from tests.helpers import random_text, randomised, tiny_config
@@ -25,15 +26,27 @@ class GaussianFlowMap(torch.nn.Module):
 
     The marginal of z_t is N(0, a_t^2 I), a_t^2 = (1 - t)^2 sigma^2 + t^2, and its probability-flow ODE
     is linear, dz/dt = (a_t' / a_t) z, so the flow map is z_r = (a_r / a_t) z_t and
-    u(z_t, r, t) = z_t (1 - a_r / a_t) / (t - r). The velocity changes along the path, so the split's two
-    sub-interval velocities differ and only the right weights recover u. sigma depends on the condition
-    (2 with text, 0.5 dropped), so both evaluations must take the row's own condition."""
+    u(z_t, r, t) = z_t (1 - a_r / a_t) / (t - r), and at r = t the velocity z_t a_t' / a_t. The velocity
+    changes along the path, so the split's two sub-interval velocities differ and only the right weights
+    recover u. sigma depends on the condition (2 with text, 0.5 dropped), so every evaluation must take
+    the row's own condition."""
+
+    @staticmethod
+    def sigma(drop, t):
+        kept = torch.ones_like(t, dtype=torch.bool) if drop is None else ~drop
+        return torch.where(kept, 2.0, 0.5)
+
+    def scale(self, r, t, drop=None):
+        """a_r / a_t."""
+        sigma = self.sigma(drop, t)
+        a = lambda s: ((1 - s) ** 2 * sigma ** 2 + s ** 2).sqrt()  # noqa: E731
+        return a(r) / a(t)
 
     def forward(self, z, r, t, tokens, mask, pooled, drop=None):
-        kept = torch.ones_like(t, dtype=torch.bool) if drop is None else ~drop
-        sigma = torch.where(kept, 2.0, 0.5)
-        a = lambda s: ((1 - s) ** 2 * sigma ** 2 + s ** 2).sqrt()  # noqa: E731
-        return z * ((1 - a(r) / a(t)) / (t - r)).view(-1, 1, 1, 1)
+        sigma, gap = self.sigma(drop, t), t - r
+        average = (1 - self.scale(r, t, drop)) / torch.where(gap == 0, 1.0, gap)
+        velocity = (t - (1 - t) * sigma ** 2) / ((1 - t) ** 2 * sigma ** 2 + t ** 2)  # a_t a_t' / a_t^2
+        return z * torch.where(gap == 0, velocity, average).view(-1, 1, 1, 1)
 
 
 def test_the_split_target_of_an_exact_flow_map_is_its_own_prediction_for_any_split():
@@ -61,6 +74,32 @@ def test_the_split_target_of_an_exact_flow_map_is_its_own_prediction_for_any_spl
     assert (swapped - split_target(net, z, r, t, swapped_point, text, drop)).abs().max() > 1e-3
 
 
+def test_along_the_network_own_velocity_only_the_error_of_v_reaches_the_target():
+    """tangent: model (iMF). For the exact flow map, du/dt along its own velocity v* satisfies the MeanFlow
+    identity, so with a velocity v = v* + d the target is exactly u* + d; along v itself (MeanFlow's tangent)
+    d enters the derivative too and the target is u* + d a_r / a_t (here J_z u* = (1 - a_r / a_t) / (t - r))."""
+    net = GaussianFlowMap()
+    gen = torch.Generator().manual_seed(3)
+    batch = 6
+    z = torch.randn(batch, 3, 4, 4, generator=gen)
+    r = torch.tensor([0.0, 0.0, 0.1, 0.3, 0.05, 0.6])
+    t = torch.tensor([1.0, 0.5, 0.9, 0.35, 1.0, 0.95])
+    drop = torch.tensor([False, True, False, True, True, False])
+    text = random_text(batch, 5, 12, dtype=torch.float64)
+    exact, exact_velocity = net(z, r, t, *text, drop), net(z, t, t, *text, drop)
+    error = 0.3 * torch.randn(z.shape, generator=gen)
+    v = exact_velocity + error
+
+    along_model = jvp_target(net, z, r, t, v, text, drop, MeanFlowConfig(jvp_float32=False, tangent="model"))
+    torch.testing.assert_close(along_model, exact + error, rtol=0, atol=1e-10)
+    along_v = jvp_target(net, z, r, t, v, text, drop, MeanFlowConfig(jvp_float32=False))
+    torch.testing.assert_close(along_v, exact + error * net.scale(r, t, drop).view(-1, 1, 1, 1), rtol=0, atol=1e-10)
+    # With the exact velocity both tangents agree: the exact flow map is a fixed point of either target.
+    for tangent in ("velocity", "model"):
+        target = jvp_target(net, z, r, t, exact_velocity, text, drop, MeanFlowConfig(jvp_float32=False, tangent=tangent))
+        torch.testing.assert_close(target, exact, rtol=0, atol=1e-10)
+
+
 def _setup(batch, seed=0):
     cfg = tiny_config()
     torch.manual_seed(seed)
@@ -74,7 +113,8 @@ def _reference_loss(net, x, text, cfg: MeanFlowConfig, gen: torch.Generator):
     """The objective written out row by row (v = e - x, no folded guidance): the draws in their documented
     order (times, text drop, noise, then the split points only if split_share > 0); split rows are the
     longest r != t intervals, each target from the network's own two MeanFlow steps over [r, s], [s, t];
-    the other r != t rows take the MeanFlow target by forward-mode AD; r = t rows take v."""
+    the other r != t rows take the MeanFlow target by forward-mode AD, along v or (tangent: model) the
+    network's own u(z_t, t, t); r = t rows take v."""
     batch = x.shape[0]
     r, t = sample_times(cfg.time, batch, 0.0, generator=gen)
     drop = torch.rand(batch, generator=gen) < cfg.text_drop
@@ -98,8 +138,10 @@ def _reference_loss(net, x, text, cfg: MeanFlowConfig, gen: torch.Generator):
                 u_early = net(z_s, one(r), s.view(1), *row_text, one(drop))
             targets.append(((s - r[i]) * u_early + (t[i] - s) * u_late) / (t[i] - r[i]))
         elif r[i] != t[i]:
+            with torch.no_grad():  # iMF: along the network's own velocity at the row's condition
+                tangent = net(one(z), one(t), one(t), *row_text, one(drop)) if cfg.tangent == "model" else one(v)
             with fwAD.dual_level():
-                out = net(fwAD.make_dual(one(z), one(v)), one(r), fwAD.make_dual(one(t), torch.ones(1)),
+                out = net(fwAD.make_dual(one(z), tangent), one(r), fwAD.make_dual(one(t), torch.ones(1)),
                           *row_text, one(drop))
                 du_dt = fwAD.unpack_dual(out).tangent
             targets.append((one(v) - (t[i] - r[i]) * du_dt).detach())
@@ -115,12 +157,14 @@ def _loss_and_grads(loss, net):
     return loss, torch.autograd.grad(loss, list(net.parameters()))
 
 
-@pytest.mark.parametrize("split_share, expected_split, expected_jvp", [(0.5, 3, 3), (1.0, 6, 0), (0.0, 0, 6)])
-def test_loss_and_gradients_equal_a_row_by_row_float64_reference(split_share, expected_split, expected_jvp):
+@pytest.mark.parametrize("split_share, tangent, expected_split, expected_jvp",
+                         [(0.5, "velocity", 3, 3), (1.0, "velocity", 6, 0), (0.0, "velocity", 0, 6),
+                          (0.0, "model", 0, 6), (0.5, "model", 3, 3)])
+def test_loss_and_gradients_equal_a_row_by_row_float64_reference(split_share, tangent, expected_split, expected_jvp):
     # 8 rows, 6 of them r != t, 2 of those at (0, 1): with split_share 0.5 the split rows are the two
     # full intervals and the longest of the other four.
     cfg = MeanFlowConfig(time=TimeSamplerConfig(r_neq_t=0.75, full_interval=0.34), text_drop=0.3,
-                         adaptive_p=0.5, jvp_float32=False, split_share=split_share)
+                         adaptive_p=0.5, jvp_float32=False, split_share=split_share, tangent=tangent)
     net, x, text = _setup(batch=8)
     gen = torch.Generator().manual_seed(11)
     loss, grads = _loss_and_grads(MeanFlowLoss(cfg)(net, x, *text, generator=gen)[0], net)
@@ -162,3 +206,5 @@ def test_split_share_is_validated():
     assert any("split_share" in p for p in MeanFlowConfig(split_share=-0.1).validate())
     assert any("flow matching" in p for p in MeanFlowConfig(mode="flow_matching", split_share=0.25).validate())
     assert not MeanFlowConfig(split_share=0.5).validate()
+    assert any("tangent" in p for p in MeanFlowConfig(mode="flow_matching", tangent="model").validate())
+    assert not MeanFlowConfig(tangent="model").validate()
