@@ -3,7 +3,8 @@
     python -m benchmarks.meanflow_finetune_variants --demo DEMO_DIR --name NAME [--steps 800]
         [--velocity data|teacher] [--guidance-w 1.0] [--adaptive-p 0.5] [--lr 5e-4]
         [--full-interval 0.0] [--r-neq-t 0.5 0.9] [--decay constant|cosine|linear] [--train-all]
-        [--ema-decay 0.999] [--split-share 0.0] [--tangent velocity|model] [--seed 0] [--images-per-prompt 16] [--parent FM_EXPORT]
+        [--ema-decay 0.999] [--split-share 0.0] [--tangent velocity|model]
+        [--time-embedding dual|decoupled --decoder-depth N] [--seed 0] [--images-per-prompt 16] [--parent FM_EXPORT]
 
 DEMO_DIR is a finished `emf demo --out DEMO_DIR`: its shards and its exported flow-matching
 parent (or the one --parent names, e.g. from benchmarks.flow_matching_parent) are reused, so
@@ -64,6 +65,9 @@ def main() -> None:
                         help="share of the r != t rows (the longest) on the interval-splitting target (objective.split_share)")
     parser.add_argument("--tangent", choices=("velocity", "model"), default="velocity",
                         help="the JVP's direction: v, or the network's own velocity (objective.tangent, iMF)")
+    parser.add_argument("--time-embedding", choices=("dual", "decoupled"), default="dual",
+                        help="the conversion: EMF's dual time embedding, or Decoupled MeanFlow's (model.time_embedding)")
+    parser.add_argument("--decoder-depth", type=int, default=0, help="decoupled: the last blocks, conditioned on r")
     parser.add_argument("--seed", type=int, default=0, help="the fine-tune's seed (data order, noise, times)")
     parser.add_argument("--images-per-prompt", type=int, default=16)
     args = parser.parse_args()
@@ -72,7 +76,7 @@ def main() -> None:
     out = os.path.join(args.demo, "variants", args.name)
     data = load_shards(os.path.join(args.demo, "steps", "prep"))
     parent, info = load_model(args.parent or glob.glob(os.path.join(args.demo, "steps/pretrain/*/pretrain/export"))[0])
-    model = meanflow_from_flow_matching(parent.cfg, parent.state_dict())
+    model = meanflow_from_flow_matching(parent.cfg, parent.state_dict(), args.time_embedding, args.decoder_depth)
     if not args.train_all:
         freeze_for_emf_finetune(model)
     time_cfg = TimeSamplerConfig(schedule="emf", mu=-0.5, sigma=1.0, mu_end=0.5, sigma_end=2.0,

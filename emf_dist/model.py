@@ -36,7 +36,12 @@ class ModelConfig:
     heads: int = 4  # attention heads; width must be divisible by heads
     mlp_ratio: float = 4.0  # MLP hidden size = width * mlp_ratio
     text_dim: int = 384  # size of the text encoder's token states and pooled vector
-    time_embedding: Literal["single", "dual"] = "dual"  # "single": flow matching; "dual": EMF MeanFlow
+    # "single": flow matching, phi(t) everywhere; "dual": EMF's MeanFlow, phi_end(t) + phi_interval(t - r)
+    # everywhere; "decoupled": Decoupled MeanFlow (arXiv 2510.24474), the flow-matching model's own phi,
+    # of t in the first depth - decoder_depth blocks (the encoder) and of r in the rest and the final layer
+    # (the decoder). At r = t both are the flow-matching model; decoupling adds no parameter.
+    time_embedding: Literal["single", "dual", "decoupled"] = "dual"
+    decoder_depth: int = 0  # time_embedding decoupled: the last blocks, conditioned on r
     # Times are multiplied by this before the sinusoidal features. DiT uses 1000 (t in steps);
     # smaller values give a smoother u(t) and a better-conditioned du/dt for MeanFlow.
     time_scale: float = 1000.0
@@ -68,6 +73,11 @@ class ModelConfig:
             problems.append(f"data_min_t must lie in (0, 1], got {self.data_min_t}")
         if not self.mlp_ratio > 0:
             problems.append(f"mlp_ratio must be > 0, got {self.mlp_ratio}")
+        if self.time_embedding == "decoupled" and not 1 <= self.decoder_depth <= self.depth:
+            problems.append(f"time_embedding decoupled conditions the last decoder_depth blocks on r: it must lie in "
+                            f"[1, depth = {self.depth}], got {self.decoder_depth}")
+        if self.time_embedding != "decoupled" and self.decoder_depth:
+            problems.append(f"decoder_depth is for time_embedding decoupled; with {self.time_embedding} set it to 0")
         if not self.time_scale > 0:
             problems.append(f"time_scale must be > 0, got {self.time_scale}")
         return problems
@@ -202,12 +212,22 @@ class VelocityNet(nn.Module):
         nn.init.normal_(self.null_token, std=0.02)
         nn.init.normal_(self.null_pooled, std=0.02)
 
-    def condition(self, r: torch.Tensor, t: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+    @property
+    def first_decoder_block(self) -> int:
+        """Blocks from this one on (and the final layer) take the decoder's condition."""
+        return self.cfg.depth - self.cfg.decoder_depth
+
+    def condition(self, r: torch.Tensor, t: torch.Tensor, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the encoder's condition, the decoder's): one and the same but for the decoupled embedding."""
+        if self.cfg.time_embedding == "decoupled":
+            pooled = self.pooled_proj(pooled)
+            return self.t_embedder(t) + pooled, self.t_embedder(r) + pooled
         if self.cfg.time_embedding == "dual":
             c = self.t_end_embedder(t) + self.t_interval_embedder(t - r)
         else:
             c = self.t_embedder(t)
-        return c + self.pooled_proj(pooled)
+        c = c + self.pooled_proj(pooled)
+        return c, c
 
     def forward(self, z, r, t, text_tokens, text_mask, text_pooled, drop_text=None):
         """z: [B, C, H, W]; r, t: [B]; text_tokens: [B, L, text_dim]; text_mask: [B, L] bool;
@@ -217,15 +237,16 @@ class VelocityNet(nn.Module):
         if drop_text is not None:
             text_tokens, text_mask, text_pooled = self.drop_text(text_tokens, text_mask, text_pooled, drop_text)
         x = self.patch_embed(z).flatten(2).transpose(1, 2) + self.pos_embed.to(z.dtype)
-        c = self.condition(r, t, text_pooled)
+        c_encoder, c_decoder = self.condition(r, t, text_pooled)
         text = self.text_proj(text_tokens)
         use_checkpoint = self.cfg.checkpointing and torch.is_grad_enabled()
-        for block in self.blocks:
+        for index, block in enumerate(self.blocks):
+            c = c_decoder if index >= self.first_decoder_block else c_encoder
             if use_checkpoint:
                 x = checkpoint(block, x, c, text, text_mask, use_reentrant=False)
             else:
                 x = block(x, c, text, text_mask)
-        out = self.unpatchify(self.final(x, c))
+        out = self.unpatchify(self.final(x, c_decoder))
         if self.cfg.prediction == "data":
             return (z - out) / t.clamp(min=self.cfg.data_min_t).view(-1, 1, 1, 1).to(z.dtype)
         return out

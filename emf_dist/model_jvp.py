@@ -11,7 +11,8 @@ about one forward for the primal plus one for the tangent, the rest being elemen
 The rules, module by module (a tangent is written d.):
   * Linear / patch conv:  y = W x + b,  dy = W dx.
   * Sinusoidal time features of s:  d cos(a s) = -a sin(a s) ds,  d sin(a s) = a cos(a s) ds;
-    the end time t carries dt, the interval t - r carries dt too (r has no tangent).
+    the end time t carries dt, the interval t - r carries dt too (r has no tangent, so the decoupled
+    embedding's decoder condition, phi(r), has none).
   * SiLU, GELU: dy = f'(x) dx, which is what their backward kernels compute from dx (a diagonal
     Jacobian is its own transpose).
   * LayerNorm:  y = (x - mean) / s,  dy = (dx - mean(dx) - y mean(y dx)) / s  (then the affine
@@ -63,13 +64,14 @@ def velocity_and_tangent(net: VelocityNet, z, r, t, text_tokens, text_mask, text
             text_tokens, text_mask, text_pooled = net.drop_text(text_tokens, text_mask, text_pooled, drop_text)
         x, dx = _patch_embed(net.patch_embed, z, dz)
         x = x + net.pos_embed.to(z.dtype)
-        c, dc = _condition(net, r, t, dt, text_pooled, parameters_of)
+        encoder, decoder = _condition(net, r, t, dt, text_pooled, parameters_of)
         text = net.text_proj(text_tokens)
-        for block in net.blocks:
+        for index, block in enumerate(net.blocks):
+            c, dc = decoder if index >= net.first_decoder_block else encoder
             with parameters_of(list(block.parameters())):
                 x, dx = _block(block, x, dx, c, dc, text, text_mask)
         with parameters_of(list(net.final.parameters())):
-            out, d_out = _final(net.final, x, dx, c, dc)
+            out, d_out = _final(net.final, x, dx, *decoder)
         out, d_out = net.unpatchify(out), net.unpatchify(d_out)
     if cfg.prediction == "data":
         floor = cfg.data_min_t
@@ -80,7 +82,14 @@ def velocity_and_tangent(net: VelocityNet, z, r, t, text_tokens, text_mask, text
     return out, d_out
 
 
-def _condition(net: VelocityNet, r, t, dt, pooled, parameters_of: ParameterScope) -> Pair:
+def _condition(net: VelocityNet, r, t, dt, pooled, parameters_of: ParameterScope) -> tuple[Pair, Pair]:
+    """(c, dc) of the encoder and of the decoder, as VelocityNet.condition."""
+    if net.cfg.time_embedding == "decoupled":
+        with parameters_of(list(net.t_embedder.parameters())):
+            c, dc = _timestep(net.t_embedder, t, dt)
+            c_r, _ = _timestep(net.t_embedder, r, torch.zeros_like(r))
+        pooled = net.pooled_proj(pooled)
+        return (c + pooled, dc), (c_r + pooled, torch.zeros_like(c_r))
     if net.cfg.time_embedding == "dual":
         with parameters_of(list(net.t_end_embedder.parameters())):
             c, dc = _timestep(net.t_end_embedder, t, dt)
@@ -90,7 +99,8 @@ def _condition(net: VelocityNet, r, t, dt, pooled, parameters_of: ParameterScope
     else:
         with parameters_of(list(net.t_embedder.parameters())):
             c, dc = _timestep(net.t_embedder, t, dt)
-    return c + net.pooled_proj(pooled), dc
+    c = c + net.pooled_proj(pooled)
+    return (c, dc), (c, dc)
 
 
 def _timestep(embedder: TimestepEmbedder, s, ds) -> Pair:

@@ -55,6 +55,39 @@ def test_data_prediction_returns_the_velocity_of_its_clean_image_and_one_step_gi
     assert tiny_config(prediction="data", data_min_t=0.0).validate()
 
 
+@pytest.mark.parametrize("prediction", ["velocity", "data"])
+def test_the_decoupled_conversion_is_the_parent_read_as_encoder_and_decoder(prediction):
+    """Decoupled MeanFlow: the parent's weights as they are; at r = t its output; with every block in
+    the decoder, velocity prediction gives the parent at time r for any t (each block and the final layer
+    see only phi(r)); with one decoder block the output moves with r, and only that block sees it."""
+    torch.manual_seed(0)
+    fm_cfg = tiny_config(time_embedding="single", prediction=prediction, depth=3)
+    fm = randomised(VelocityNet(fm_cfg))
+    one = meanflow_from_flow_matching(fm_cfg, fm.state_dict(), "decoupled", decoder_depth=1)
+    assert (one.cfg.time_embedding, one.cfg.decoder_depth, one.first_decoder_block) == ("decoupled", 1, 2)
+    assert set(one.state_dict()) == set(fm.state_dict())  # no new parameter
+    z = torch.randn(3, 3, 8, 8)
+    r, t = torch.tensor([0.0, 0.3, 0.05]), torch.tensor([0.9, 0.5, 0.1])
+    text = random_text(3, 5, fm_cfg.text_dim)
+    with torch.no_grad():
+        torch.testing.assert_close(one(z, t, t, *text), fm(z, t, t, *text), rtol=0, atol=0)
+        assert (one(z, r, t, *text) - fm(z, t, t, *text)).abs().max() > 1e-3
+        seen = []
+        hooks = [block.register_forward_hook(lambda m, args, out: seen.append(args[1].clone())) for block in one.blocks]
+        one(z, r, t, *text)
+        for hook in hooks:
+            hook.remove()
+        c_t, c_r = one.condition(r, t, text[2])
+        assert [torch.equal(c, c_t) for c in seen] == [True, True, False] and torch.equal(seen[2], c_r)
+    if prediction == "velocity":
+        whole = meanflow_from_flow_matching(fm_cfg, fm.state_dict(), "decoupled", decoder_depth=3)
+        with torch.no_grad():
+            torch.testing.assert_close(whole(z, r, t, *text), fm(z, r, r, *text), rtol=0, atol=0)
+    assert tiny_config(time_embedding="decoupled", decoder_depth=0).validate()
+    assert tiny_config(time_embedding="decoupled", decoder_depth=3).validate()  # depth 2
+    assert tiny_config(time_embedding="dual", decoder_depth=1).validate()
+
+
 def test_conversion_refuses_a_meanflow_model():
     cfg = tiny_config(time_embedding="dual")
     with pytest.raises(ValueError, match="already dual"):

@@ -33,10 +33,11 @@ def _forward_ad(net, z, dz, r, t, dt, text, drop):
         return tuple(fwAD.unpack_dual(out))
 
 
-@pytest.mark.parametrize("time_embedding", ["dual", "single"])
+@pytest.mark.parametrize("time_embedding", ["dual", "single", "decoupled"])
 @pytest.mark.parametrize("prediction", ["velocity", "data"])
 def test_primal_and_tangent_equal_forward_mode_ad(prediction, time_embedding):
-    cfg = tiny_config(prediction=prediction, time_embedding=time_embedding, depth=3)
+    cfg = tiny_config(prediction=prediction, time_embedding=time_embedding, depth=3,
+                      decoder_depth=1 if time_embedding == "decoupled" else 0)
     net = randomised(VelocityNet(cfg).double(), scale=0.3)
     z, dz, r, t, dt, text, drop = _inputs(cfg)
     u, du = velocity_and_tangent(net, z, r, t, *text, drop, dz, dt)

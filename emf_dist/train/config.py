@@ -132,7 +132,8 @@ class LoggingConfig:
 class TrainConfig:
     name: str = "emf-run"           # run name: resuming uses the same name (and the same wandb run)
     storage_path: str = "~/emf_runs"  # local folder or s3://bucket/prefix for checkpoints and results
-    # meanflow_finetune: EMF's conversion of a flow-matching export (init_from); meanflow_distill: a
+    # meanflow_finetune: a flow-matching export (init_from) converted to MeanFlow (model.time_embedding:
+    # EMF's dual embedding, or the decoupled one, emf_dist/convert.py); meanflow_distill: a
     # MeanFlow export (init_from) whose 1-step query learns its own k-step samples (emf_dist/split_distill.py)
     mode: Literal["flow_matching", "meanflow", "meanflow_finetune", "meanflow_distill"] = "meanflow"
     # meanflow_finetune / meanflow_distill: an exported model folder (meanflow_distill: our DiT's or a
@@ -203,6 +204,10 @@ class TrainConfig:
         if self.mode == "meanflow" and self.init_from:
             problems.append("init_from is used by modes meanflow_finetune, meanflow_distill and (a diffusers "
                             "folder) flow_matching; mode meanflow trains from scratch")
+        if (self.mode == "meanflow_finetune" and isinstance(self.model, ModelConfig)
+                and self.model.time_embedding == "single"):
+            problems.append("mode meanflow_finetune converts a flow-matching model to MeanFlow: model.time_embedding "
+                            "is the conversion, dual (EMF's, the default) or decoupled (with model.decoder_depth)")
         if self.objective.velocity == "teacher" and self.mode != "meanflow_finetune":
             problems.append("objective.velocity: teacher takes the fine-tuning parent as the teacher: it needs "
                             f"mode meanflow_finetune and init_from (mode is {self.mode})")

@@ -44,8 +44,8 @@ class TrainResult:
 
 def resolve_model(cfg: TrainConfig) -> TrainConfig:
     """A run from an export takes its architecture: EMF's fine-tune converts a flow-matching parent to
-    the dual time embedding, distillation keeps a MeanFlow model's as it is (our DiT's or a fine-tuned
-    backbone's). A run from a diffusers folder, local or on object storage, takes its transformer's
+    ``model.time_embedding`` (EMF's dual one, or the decoupled one), distillation keeps a MeanFlow model's
+    as it is (our DiT's or a fine-tuned backbone's). A run from a diffusers folder, local or on object storage, takes its transformer's
     (emf_dist/train/pretrained.py)."""
     from emf_dist.train.pretrained import is_pretrained_folder, resolve_backbone, resolve_backbone_export
     if is_pretrained_folder(cfg.init_from):
@@ -61,17 +61,23 @@ def resolve_model(cfg: TrainConfig) -> TrainConfig:
         info = verify_export(folder)
     parent = info.model
     if cfg.mode == "meanflow_finetune" and parent.time_embedding != "single":
-        raise ValueError(f"init_from {cfg.init_from} is already a MeanFlow model (dual time embedding); "
+        raise ValueError(f"init_from {cfg.init_from} is already a MeanFlow model ({parent.time_embedding} time embedding); "
                          "fine-tune from a flow-matching export, or distil it with mode meanflow_distill")
     if isinstance(parent, BackboneConfig) and cfg.mode == "meanflow_finetune":
         raise ValueError(f"init_from {cfg.init_from} is an export of a pretrained {parent.class_name} trained by flow "
                          "matching: EMF's fine-tune starts from the diffusers folder itself (init_from=the pipeline)")
-    if cfg.mode == "meanflow_distill" and parent.time_embedding != "dual":
+    if cfg.mode == "meanflow_distill" and parent.time_embedding == "single":
         raise ValueError(f"init_from {cfg.init_from} is a flow-matching model (single time embedding); "
                          "meanflow_distill needs a MeanFlow export: fine-tune it first (mode meanflow_finetune)")
     if isinstance(parent, BackboneConfig):
         return resolve_backbone_export(cfg, info)
-    model = replace(parent, time_embedding="dual", checkpointing=cfg.model.checkpointing)
+    if cfg.mode == "meanflow_distill":
+        return replace(cfg, model=replace(parent, checkpointing=cfg.model.checkpointing))
+    # The fine-tune's time embedding is the conversion: EMF's dual one, or the decoupled one.
+    model = replace(parent, time_embedding=cfg.model.time_embedding, decoder_depth=cfg.model.decoder_depth,
+                    checkpointing=cfg.model.checkpointing)
+    if problems := model.validate():
+        raise ValueError(f"the fine-tune of {cfg.init_from} (depth {parent.depth}): " + "; ".join(problems))
     return replace(cfg, model=model)
 
 

@@ -44,6 +44,7 @@ from emf_dist.backbones.loading import describes_diffusers, transformer_folder
 from emf_dist.export import INFO_FILE, ExportInfo, load_model, read_export_info
 from emf_dist.folder_cache import local_copy
 from emf_dist.manifest import Manifest, read_manifest
+from emf_dist.model import ModelConfig
 from emf_dist.text_encoder import PACKAGED_NAME, TextEncoder, check_fingerprint, pipeline_text_weights
 from emf_dist.train.config import TrainConfig
 from emf_dist.weight_hash import combined_sha256
@@ -105,6 +106,10 @@ def resolve_backbone(cfg: TrainConfig) -> TrainConfig:
         raise ValueError(f"init_from {storage.redact(cfg.init_from)} is a diffusers folder: it starts mode "
                          f"meanflow_finetune (EMF's conversion) or flow_matching (continued pretraining), not "
                          f"{cfg.mode}{hint}")
+    if isinstance(cfg.model, ModelConfig) and cfg.model.time_embedding == "decoupled":
+        raise ValueError(f"init_from {storage.redact(cfg.init_from)} is a diffusers folder: its fine-tune takes "
+                         "EMF's conversion (a dual time embedding); the decoupled one is written for our DiT: "
+                         "leave model.time_embedding at dual")
     folder = parent_folder(cfg)
     # The config names the folder as every machine reads it: the URL of a remote one, not this node's copy.
     source = cfg.init_from.rstrip("/") if storage.is_remote(cfg.init_from) else os.path.abspath(folder)

@@ -22,7 +22,8 @@ from emf_dist.train.shard_loader import BatchIterator, stream_spec
 
 
 def build_model(cfg: TrainConfig, parent: VelocityNet | None) -> VelocityNet:
-    """From scratch (seeded alike on every rank), EMF's conversion of the exported FM parent, or (distillation)
+    """From scratch (seeded alike on every rank), the conversion of the exported FM parent (EMF's or the
+    decoupled one, as ``model.time_embedding`` says), or (distillation)
     a copy of the exported MeanFlow model, every parameter trainable; a pretrained diffusers backbone as
     emf_dist/train/pretrained.py builds it."""
     torch.manual_seed(cfg.seed)
@@ -36,7 +37,7 @@ def build_model(cfg: TrainConfig, parent: VelocityNet | None) -> VelocityNet:
     if cfg.mode != "meanflow_finetune":
         return VelocityNet(cfg.model)
     from emf_dist.convert import freeze_for_emf_finetune, meanflow_from_flow_matching
-    model = meanflow_from_flow_matching(parent.cfg, parent.state_dict())
+    model = meanflow_from_flow_matching(parent.cfg, parent.state_dict(), cfg.model.time_embedding, cfg.model.decoder_depth)
     model.cfg.checkpointing = cfg.model.checkpointing
     if cfg.emf_freeze:
         freeze_for_emf_finetune(model)
