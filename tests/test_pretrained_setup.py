@@ -58,6 +58,8 @@ def test_unsupported_folders_and_modes_are_refused_before_workers_start(tmp_path
         resolve_model(config(tmp_path, sprint))
     with pytest.raises(ValueError, match="continues pretraining from a diffusers"):
         resolve_model(config(tmp_path, tmp_path, mode="flow_matching"))
+    with pytest.raises(ValueError, match="the decoupled one is written for our DiT"):
+        resolve_model(config(tmp_path, pipeline, model={"time_embedding": "decoupled", "decoder_depth": 1}))
 
 
 def _built(tmp_path, pipeline, **over):

@@ -113,3 +113,28 @@ def test_a_run_from_the_wrong_kind_of_export_is_refused_on_the_driver(tmp_path, 
     other = "meanflow_distill" if mode == "meanflow_finetune" else "meanflow_finetune"
     resolved = resolve_model(config(mode=other, init_from=folder)).model  # the export's architecture, as MeanFlow
     assert resolved == replace(model_cfg, time_embedding="dual", checkpointing=TrainConfig().model.checkpointing)
+
+
+def test_the_fine_tune_converts_by_its_model_time_embedding(tmp_path):
+    """EMF's dual embedding by default, the decoupled one on request (checked against the export's depth),
+    distillation keeps a decoupled export's; a single-embedding fine-tune is refused before any work."""
+    from emf_dist.export import ExportInfo, SamplingInfo, export_model
+    from emf_dist.model import ModelConfig, VelocityNet
+    from emf_dist.train.driver import resolve_model
+    parent = ModelConfig(input_size=8, patch_size=2, width=32, depth=3, heads=2, text_dim=384, time_embedding="single")
+    info = ExportInfo(model=parent, text_encoder=TextEncoderConfig(max_length=8), encoder_fingerprint={},
+                      sampling=SamplingInfo(mean_flow=False))
+    folder = export_model(VelocityNet(parent), info, str(tmp_path / "fm"))
+    decoupled = {"time_embedding": "decoupled", "decoder_depth": 1}
+    resolved = resolve_model(config(mode="meanflow_finetune", init_from=folder, model=decoupled)).model
+    assert (resolved.time_embedding, resolved.decoder_depth, resolved.depth) == ("decoupled", 1, 3)
+    with pytest.raises(ValueError, match=r"depth 3.*decoder_depth"):
+        resolve_model(config(mode="meanflow_finetune", init_from=folder, model={**decoupled, "decoder_depth": 4}))
+    with pytest.raises(ConfigError, match="model.time_embedding is the conversion"):
+        config(mode="meanflow_finetune", init_from=folder, model={"time_embedding": "single"})
+
+    mf = replace(parent, time_embedding="decoupled", decoder_depth=1)
+    mf_folder = export_model(VelocityNet(mf), replace(info, model=mf, sampling=SamplingInfo(mean_flow=True)),
+                             str(tmp_path / "mf"))
+    assert resolve_model(config(mode="meanflow_distill", init_from=mf_folder)).model == replace(
+        mf, checkpointing=TrainConfig().model.checkpointing)
