@@ -23,6 +23,7 @@ the mask is all True: SD3 attends to every padded position, so they hold the sta
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 from dataclasses import dataclass
@@ -225,6 +226,12 @@ class TextEncoder:
         return recipe
 
     def _load(self) -> None:
+        with _no_library_progress_bars():
+            self._load_model()
+        # float32 always: T5 overflows in fp16, and shards must not depend on the device used.
+        self.model.to(device=self.device, dtype=torch.float32).eval()
+
+    def _load_model(self) -> None:
         if self.cfg.backend == "sentence-transformers":
             from sentence_transformers import SentenceTransformer
             self.model = SentenceTransformer(self.folder, device=str(self.device), local_files_only=True)
@@ -237,8 +244,6 @@ class TextEncoder:
             # for BERT it returns the inner layer stack, which does not take input_ids.
             self.model = model.get_encoder() if getattr(model.config, "is_encoder_decoder", False) else model
             self._forward_args = set(inspect.signature(self.model.forward).parameters)
-        # float32 always: T5 overflows in fp16, and shards must not depend on the device used.
-        self.model.to(device=self.device, dtype=torch.float32).eval()
 
     def _probe(self) -> int:
         """One tiny forward gives D and the number of hidden states, whatever the config calls them."""
@@ -401,3 +406,16 @@ def check_fingerprint(expected: dict, actual: dict, *, what_expected: str, what_
             diffs.append(f"{k} {_show(k, want)} != {_show(k, got)}")
     if diffs:
         raise ValueError(f"text encoder mismatch between {what_expected} and {what_actual}: " + "; ".join(diffs))
+
+
+@contextlib.contextmanager
+def _no_library_progress_bars():
+    """transformers draws a weight-loading bar of its own; what a user sees is the project's progress."""
+    from transformers.utils import logging as transformers_logging
+    enabled = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            transformers_logging.enable_progress_bar()

@@ -206,3 +206,12 @@ def test_sentence_transformers_backend_matches_transformers_backend():
     assert (cos(a.pooled, b.pooled) > 0.999).all()
     assert torch.allclose(a.tokens, b.tokens, atol=1e-4)
     assert st.fingerprint()["backend"] == "sentence-transformers" != tf.fingerprint()["backend"]
+
+
+@pytest.mark.parametrize("backend", ["transformers", "sentence-transformers"])
+def test_loading_draws_no_library_progress_bar_and_leaves_the_setting_alone(backend, capfd):
+    from transformers.utils import logging as transformers_logging
+    assert transformers_logging.is_progress_bar_enabled()
+    TextEncoder(TextEncoderConfig(backend=backend)).encode(["a red circle"])
+    assert "Loading weights" not in capfd.readouterr().err
+    assert transformers_logging.is_progress_bar_enabled()
