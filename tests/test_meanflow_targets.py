@@ -49,15 +49,19 @@ class GaussianFlowMap(torch.nn.Module):
         return z * torch.where(gap == 0, velocity, average).view(-1, 1, 1, 1)
 
 
-def test_the_split_target_of_an_exact_flow_map_is_its_own_prediction_for_any_split():
-    net = GaussianFlowMap()
-    gen = torch.Generator().manual_seed(0)
-    batch = 6
-    z = torch.randn(batch, 3, 4, 4, generator=gen)
+def _gaussian_rows(seed: int):
+    """A generator and six rows (z, r, t, text, drop) of intervals from short to the whole of [0, 1]."""
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randn(6, 3, 4, 4, generator=gen)
     r = torch.tensor([0.0, 0.0, 0.1, 0.3, 0.05, 0.6])
     t = torch.tensor([1.0, 0.5, 0.9, 0.35, 1.0, 0.95])
     drop = torch.tensor([False, True, False, True, True, False])
-    text = random_text(batch, 5, 12, dtype=torch.float64)
+    return gen, (z, r, t, random_text(6, 5, 12, dtype=torch.float64), drop)
+
+
+def test_the_split_target_of_an_exact_flow_map_is_its_own_prediction_for_any_split():
+    net, gen, (z, r, t, text, drop) = GaussianFlowMap(), *_gaussian_rows(seed=0)
+    batch = z.shape[0]
     exact = net(z, r, t, *text, drop)
     for split_point in (torch.full((batch,), 0.5), torch.full((batch,), 0.01), torch.rand(batch, generator=gen)):
         torch.testing.assert_close(split_target(net, z, r, t, split_point, text, drop), exact, rtol=0, atol=1e-10)
@@ -78,14 +82,7 @@ def test_along_the_network_own_velocity_only_the_error_of_v_reaches_the_target()
     """tangent: model (iMF). For the exact flow map, du/dt along its own velocity v* satisfies the MeanFlow
     identity, so with a velocity v = v* + d the target is exactly u* + d; along v itself (MeanFlow's tangent)
     d enters the derivative too and the target is u* + d a_r / a_t (here J_z u* = (1 - a_r / a_t) / (t - r))."""
-    net = GaussianFlowMap()
-    gen = torch.Generator().manual_seed(3)
-    batch = 6
-    z = torch.randn(batch, 3, 4, 4, generator=gen)
-    r = torch.tensor([0.0, 0.0, 0.1, 0.3, 0.05, 0.6])
-    t = torch.tensor([1.0, 0.5, 0.9, 0.35, 1.0, 0.95])
-    drop = torch.tensor([False, True, False, True, True, False])
-    text = random_text(batch, 5, 12, dtype=torch.float64)
+    net, gen, (z, r, t, text, drop) = GaussianFlowMap(), *_gaussian_rows(seed=3)
     exact, exact_velocity = net(z, r, t, *text, drop), net(z, t, t, *text, drop)
     error = 0.3 * torch.randn(z.shape, generator=gen)
     v = exact_velocity + error
