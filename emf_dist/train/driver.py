@@ -43,10 +43,10 @@ class TrainResult:
 
 
 def resolve_model(cfg: TrainConfig) -> TrainConfig:
-    """A run from an export takes its architecture: EMF's fine-tune converts a flow-matching parent to
-    ``model.time_embedding`` (EMF's dual one, or the decoupled one), distillation keeps a MeanFlow model's
-    as it is (our DiT's or a fine-tuned backbone's). A run from a diffusers folder, local or on object storage, takes its transformer's
-    (emf_dist/train/pretrained.py)."""
+    """A run from an export takes its architecture: the fine-tune converts a flow-matching parent to
+    ``model.time_embedding`` (EMF's dual one, or the decoupled one), distillation keeps a MeanFlow
+    model's as it is (our DiT's or a fine-tuned backbone's). A run from a diffusers folder, local or on
+    object storage, takes its transformer's (emf_dist/train/pretrained.py)."""
     from emf_dist.train.pretrained import is_pretrained_folder, resolve_backbone, resolve_backbone_export
     if is_pretrained_folder(cfg.init_from):
         return resolve_backbone(cfg)
@@ -61,8 +61,8 @@ def resolve_model(cfg: TrainConfig) -> TrainConfig:
         info = verify_export(folder)
     parent = info.model
     if cfg.mode == "meanflow_finetune" and parent.time_embedding != "single":
-        raise ValueError(f"init_from {cfg.init_from} is already a MeanFlow model ({parent.time_embedding} time embedding); "
-                         "fine-tune from a flow-matching export, or distil it with mode meanflow_distill")
+        raise ValueError(f"init_from {cfg.init_from} is already a MeanFlow model ({parent.time_embedding} time "
+                         "embedding); fine-tune from a flow-matching export, or distil it with mode meanflow_distill")
     if isinstance(parent, BackboneConfig) and cfg.mode == "meanflow_finetune":
         raise ValueError(f"init_from {cfg.init_from} is an export of a pretrained {parent.class_name} trained by flow "
                          "matching: EMF's fine-tune starts from the diffusers folder itself (init_from=the pipeline)")
