@@ -73,7 +73,7 @@ def where_things_are(record: RunRecord) -> str:
     for step in record.steps:  # the training runs in pipeline order: pretrain, finetune, distill_1, ...
         if step.kind == "train" and "run" in step.outputs:
             lines.append(f"  {step.name + ':':<12} {step.outputs['run']} "
-                         f"({step.config['mode']}: DeepSpeed checkpoints, samples/)")
+                         f"({step.config['mode']}: DeepSpeed checkpoints, samples/, loss.png)")
     lines += [f"  model:       {model}",
               f"  logs:        {log_file(record.storage)} (Ray, Ray Data, Ray Train, the workers, wandb)",
               f"  try:         emf generate --model {model} --steps 1 --upscale 8 --out red.png \"a red circle\""]

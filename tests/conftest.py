@@ -20,3 +20,10 @@ def float64():
     torch.set_default_dtype(torch.float64)
     yield
     torch.set_default_dtype(previous)
+
+
+@pytest.fixture(scope="session")
+def tiny_demo(tmp_path_factory) -> dict[str, str]:
+    """One tiny `emf demo` for the test modules that read its output (tests/demo_run.py)."""
+    from tests.demo_run import run_tiny_demo
+    return run_tiny_demo(tmp_path_factory.mktemp("demo") / "demo")

@@ -4,12 +4,9 @@ auth, at a tiny budget. Every artifact it promises exists where it says and is u
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -17,51 +14,16 @@ import pytest
 import yaml
 from PIL import Image
 
-from cluster import auth, local
 from emf_app.cli import main as emf
 from emf_dist.manifest import read_manifest
 from pipelines.registry import Registry
-from tests.helpers import free_port, ray_chatter
-
-REPO = Path(__file__).resolve().parents[1]
-
-TINY = ["steps.encoders.config.require_selection=false",
-        "steps.encoders.config.eval.discriminability.scenes=20", "steps.encoders.config.eval.disentanglement.prompts=8",
-        "steps.prep.config.source.count=64", "steps.prep.config.samples_per_shard=32",
-        "steps.benchmark.config.eval.benchmark.prompts_per_task=1",
-        "steps.benchmark.config.eval.benchmark.images_per_prompt=2",
-        "steps.benchmark.config.eval.benchmark.calibration_scenes=12"]
-TRAIN_STEPS = [name for name, step in yaml.safe_load((REPO / "pipelines/specs/emf.yaml").read_text())["steps"].items()
-               if step["kind"] == "train"]
-for step in TRAIN_STEPS:
-    TINY += [f"steps.{step}.config.steps=4", f"steps.{step}.config.micro_batch=4",
-             f"steps.{step}.config.checkpoint_every=2", f"steps.{step}.config.logging.sample_every=2",
-             f"steps.{step}.config.logging.wandb=disabled"]
-TINY += ["steps.pretrain.config.model.width=32", "steps.pretrain.config.model.heads=2",
-         "steps.pretrain.config.model.depth=1"]
+from tests.demo_run import REPO, TRAIN_STEPS
+from tests.helpers import ray_chatter
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory) -> dict[str, str]:
-    """Runs the tiny demo once; returns what it printed: {"report": ..., "shards": ..., ...}."""
-    tmp_path = tmp_path_factory.mktemp("demo")
-    root = Path(tempfile.mkdtemp(prefix="emfdemo-", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
-    cluster = dict(port=free_port(), dashboard_port=free_port(), client_server_port=free_port(),
-                   dashboard_agent_listen_port=free_port(), num_cpus=2, temp_dir=str(root / "ray"),
-                   state_file=str(root / "cluster.json"))
-    # A process of its own, as `emf demo` runs: Ray's drivers keep logging handlers and settings.
-    script = ("import json, sys; from cluster.local import LocalClusterConfig; from emf_app.demo import run_demo; "
-              "run_demo(sys.argv[1], json.loads(sys.argv[2]), LocalClusterConfig(**json.loads(sys.argv[3])))")
-    env = {**os.environ, auth.TOKEN_PATH_VAR: str(root / "auth_token")}
-    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "demo"), json.dumps(TINY), json.dumps(cluster)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert local.running_state(local.LocalClusterConfig(**cluster)) is None  # the head it started is stopped
-    shutil.rmtree(root, ignore_errors=True)
-
-    assert "pipeline emf: succeeded" in done.stdout
-    return {**dict(re.findall(r"^  (\w+): +(\S+)", done.stdout, re.MULTILINE)), "out": str(tmp_path / "demo"),
-            "log": done.stdout + done.stderr}
+def demo(tiny_demo) -> dict[str, str]:
+    return tiny_demo
 
 
 def test_demo_runs_the_pipeline_on_its_own_head_and_says_where_everything_is(demo, tmp_path):
@@ -89,11 +51,47 @@ def test_demo_rejects_a_bad_override_before_starting_anything(tmp_path, capsys):
 
 def test_the_demo_shows_each_training_progress_line_once_without_ray_trains_report_dumps(demo):
     progress = [line for line in demo["log"].splitlines() if re.search(r"step \d+/\d+  loss", line)]
-    assert progress, demo["log"][-3000:]
+    # rank 0's two lines per training step, printed as the project's, without Ray's prefix
+    assert len(progress) == 2 * len(TRAIN_STEPS) and all(line.startswith("step ") for line in progress), \
+        demo["log"][-3000:]
     assert len(progress) == len(set(progress)), "a progress line printed twice"
     assert "Reporting training result" not in demo["log"]
     assert ray_chatter(demo["log"]) == [], "\n".join(ray_chatter(demo["log"]))
     assert "(TrainController pid=" in Path(demo["out"], "logs", "demo.log").read_text()  # where Ray's lines went
+
+
+def test_the_terminal_names_each_step_and_what_prep_wrote(demo):
+    steps = list(yaml.safe_load((REPO / "pipelines/specs/emf.yaml").read_text())["steps"].items())
+    assert f"goes to {Path(demo['out'], 'logs', 'demo.log')}" in demo["stdout"].splitlines()[0]
+    for index, (name, step) in enumerate(steps):
+        assert f"[{index + 1}/{len(steps)}] {name} ({step['kind']})" in demo["stdout"]
+    assert "prep: 64 samples in 2 new shards" in demo["stdout"]
+
+
+def test_the_log_file_holds_rays_the_workers_and_wandbs_output(demo):
+    log = Path(demo["out"], "logs", "demo.log").read_text()
+    assert "(RayTrainWorker pid=" in log and "wandb: " in log  # the pretrain step logs to wandb offline
+    assert re.search(r"\[\d+/\d+\] pretrain \(train\)", log)  # the project's lines too, for context
+
+
+def test_each_training_run_writes_its_loss_curve(demo):
+    for step in TRAIN_STEPS:
+        rows = [json.loads(line) for line in Path(demo[step], "metrics.jsonl").read_text().splitlines()]
+        assert [row["step"] for row in rows] == [2, 4], step
+        assert Image.open(Path(demo[step], "loss.png")).format == "PNG"
+
+
+def test_the_fine_tunes_record_checkpoint_and_export_show_the_architecture_it_inherited(demo):
+    record = json.loads(next(Path(demo["out"], "runs").glob("2*.json")).read_text())
+    steps = {step["name"]: step for step in record["steps"]}
+    parent = steps["pretrain"]["config"]["model"]
+    assert (parent["input_size"], parent["prediction"], parent["width"]) == (16, "data", 32)
+    inherited = {**parent, "time_embedding": "dual"}
+    assert steps["finetune"]["config"]["model"] == inherited
+    run_dir = Path(steps["finetune"]["outputs"]["run"])
+    saved = [json.loads(p.read_text())["model"] for p in run_dir.glob("step_*/train_config.json")]
+    assert saved and all(model == inherited for model in saved)
+    assert json.loads(Path(steps["finetune"]["outputs"]["export"], "emf_model.json").read_text())["model"] == inherited
 
 
 def test_the_demo_model_retrains_on_new_data_and_then_has_nothing_to_do(demo, tmp_path):

@@ -10,14 +10,17 @@ import os
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from emf_dist.config import from_dict
 from emf_dist.model import VelocityNet
+from emf_dist.storage import Store
 from emf_dist.train.checkpoint import consolidated_weights
 from emf_dist.train.config import TrainConfig
 from emf_dist.train.driver import train
 from emf_dist.train.local import train_local
+from emf_dist.train.loss_curve import read_history
 from emf_dist.train.setup import build_batches, build_model, build_objective
 from tests.s3_server import s3_server
 
@@ -69,33 +72,50 @@ def run_config(dataset: str, storage: str, name: str, **over) -> TrainConfig:
     return from_dict(TrainConfig, base, validate=True)
 
 
-def test_two_workers_zero2_agree_and_checkpoint(dataset, tmp_path):
-    result = train(run_config(dataset, str(tmp_path), "zero2", logging__sample_every=2))
-    assert result.metrics["step"] == 4
+@pytest.fixture(scope="module")
+def zero2(dataset, tmp_path_factory):
+    """The module's reference run: ZeRO-2 on two workers, sample grids, and one NaN loss (the second
+    micro-batch's) that every rank skips. The resume test continues a run of this same config."""
+    storage = tmp_path_factory.mktemp("zero2")
+    return storage, train(zero2_config(dataset, storage, "zero2"))
+
+
+def zero2_config(dataset, storage, name: str, **over) -> TrainConfig:
+    return run_config(dataset, str(storage), name, logging__sample_every=2, faults__nan_at_micro_batches=(1,), **over)
+
+
+def test_two_workers_zero2_agree_checkpoint_and_skip_a_nan_loss(dataset, zero2):
+    storage, result = zero2
+    assert result.metrics["step"] == 4 and result.metrics["bad_steps"] == 1
     assert torch.isfinite(torch.tensor(result.metrics["loss"]))
     assert result.metrics["rank_param_spread"] == 0.0  # every rank holds the same weights
-    steps = sorted(os.path.basename(p) for p in glob.glob(str(tmp_path / "zero2" / "step_*")))
+    steps = sorted(os.path.basename(p) for p in glob.glob(str(storage / "zero2" / "step_*")))
     assert steps == ["step_00000002", "step_00000004"]
-    last = tmp_path / "zero2" / "step_00000004"
+    last = storage / "zero2" / "step_00000004"
     assert {"state_rank0.safetensors", "state_rank1.safetensors", "ema.safetensors"} <= set(os.listdir(last))
     # DeepSpeed's own zero_to_fp32 reads our checkpoint into a loadable state dict.
     weights = consolidated_weights(str(last))
-    model = VelocityNet(run_config(dataset, str(tmp_path), "zero2").model)
+    model = VelocityNet(run_config(dataset, str(storage), "zero2").model)
     model.load_state_dict(weights)
-    assert (tmp_path / "zero2" / "samples" / "step_00000004.png").exists()
-    exported = load_file(str(tmp_path / "zero2" / "export" / "model.safetensors"))
+    assert (storage / "zero2" / "samples" / "step_00000004.png").exists()
+    exported = load_file(str(storage / "zero2" / "export" / "model.safetensors"))
     assert exported.keys() == weights.keys()
 
 
-def test_resume_equals_uninterrupted_run(dataset, tmp_path):
-    straight = train(run_config(dataset, str(tmp_path), "straight"))
-    train(run_config(dataset, str(tmp_path), "resumed", stop_after=2))
-    resumed = train(run_config(dataset, str(tmp_path), "resumed"))
-    assert resumed.metrics["step"] == 4
+def test_resume_equals_uninterrupted_run(dataset, zero2, tmp_path):
+    storage, straight = zero2
+    train(zero2_config(dataset, tmp_path, "resumed", stop_after=2))
+    resumed = train(zero2_config(dataset, tmp_path, "resumed"))
+    assert resumed.metrics["step"] == 4 and resumed.metrics["bad_steps"] == 1  # the skip is not repeated
     a = consolidated_weights(straight.checkpoint)
     b = consolidated_weights(resumed.checkpoint)
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6, msg=name)
+    # The loss curve of the resumed run is the uninterrupted one's: each step once, same losses.
+    curves = [read_history(Store(str(folder))) for folder in (storage / "zero2", tmp_path / "resumed")]
+    assert [row["step"] for row in curves[1]] == [2, 4]
+    assert [row["loss"] for row in curves[1]] == pytest.approx([row["loss"] for row in curves[0]], abs=1e-5)
+    assert Image.open(tmp_path / "resumed" / "loss.png").size[0] > 0
 
 
 def test_killed_worker_is_replaced_and_the_run_finishes(dataset, tmp_path):
@@ -105,20 +125,24 @@ def test_killed_worker_is_replaced_and_the_run_finishes(dataset, tmp_path):
     assert (tmp_path / "faulty" / ".fault_injected_rank1").exists()
 
 
-ALL_ROWS_JVP = dict(objective__time={"r_neq_t": 1.0, "r_neq_t_end": 1.0}, steps=3, checkpoint_every=3)
+# Three of each rank's four rows per step r != t: the hand-written JVP pass runs at every step, beside
+# flow-matching rows.
+MOSTLY_JVP = dict(objective__time={"r_neq_t": 0.75, "r_neq_t_end": 0.75}, steps=3, checkpoint_every=3)
 
 
 @pytest.fixture(scope="module")
-def zero0_all_rows(dataset, tmp_path_factory):
-    return train(run_config(dataset, str(tmp_path_factory.mktemp("z0")), "z0", zero__stage=0, **ALL_ROWS_JVP))
+def zero0(dataset, tmp_path_factory):
+    """Two ZeRO-0 workers: the reference of the ZeRO-3 run and the local loop's counterpart."""
+    cfg = run_config(dataset, str(tmp_path_factory.mktemp("z0")), "z0", zero__stage=0, **MOSTLY_JVP)
+    return cfg, train(cfg)
 
 
-def test_zero3_meanflow_step_matches_zero0(dataset, zero0_all_rows, tmp_path):
-    """All rows r != t, so every step runs the hand-written JVP pass on ZeRO-3's partitioned
-    parameters, gathered piece by piece. (Forward-mode AD through ZeRO-3's hooked modules, the
-    backbones' path, is held to ZeRO-0 in tests/test_pretrained_distributed.py.)"""
-    zero0 = zero0_all_rows
-    zero3 = train(run_config(dataset, str(tmp_path), "z3", zero__stage=3, **ALL_ROWS_JVP))
+def test_zero3_meanflow_step_matches_zero0(dataset, zero0, tmp_path):
+    """Every step runs the hand-written JVP pass on ZeRO-3's partitioned parameters, gathered piece
+    by piece. (Forward-mode AD through ZeRO-3's hooked modules, the backbones' path, is held to
+    ZeRO-0 in tests/test_pretrained_distributed.py.)"""
+    zero0 = zero0[1]
+    zero3 = train(run_config(dataset, str(tmp_path), "z3", zero__stage=3, **MOSTLY_JVP))
     a, b = consolidated_weights(zero0.checkpoint), consolidated_weights(zero3.checkpoint)
     for name in a:  # float32 sums reduced in a different order: agreement to ~1e-6 after 3 Adam steps
         torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5, msg=name)
@@ -127,11 +151,11 @@ def test_zero3_meanflow_step_matches_zero0(dataset, zero0_all_rows, tmp_path):
     assert zero0.metrics["grad_norm"] == pytest.approx(zero3.metrics["grad_norm"], rel=1e-3)
 
 
-def test_single_process_loop_equals_two_zero0_workers(dataset, tmp_path):
+def test_single_process_loop_equals_two_zero0_workers(zero0):
     """The local loop is the reference: the same TrainConfig, the workers' batch streams, the same
     parameters after a few MeanFlow steps (JVP rows, text dropout, clipping, warm-up included)."""
-    cfg = run_config(dataset, str(tmp_path), "ref", zero__stage=0, steps=3, checkpoint_every=3)
-    distributed = consolidated_weights(train(cfg).checkpoint)
+    cfg, result = zero0
+    distributed = consolidated_weights(result.checkpoint)
     model = build_model(cfg, None)
     initial = {name: p.detach().clone() for name, p in model.named_parameters()}
     streams = [build_batches(cfg, rank, cfg.scaling.num_workers) for rank in range(cfg.scaling.num_workers)]
@@ -142,9 +166,7 @@ def test_single_process_loop_equals_two_zero0_workers(dataset, tmp_path):
         torch.testing.assert_close(param.detach(), distributed[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_nan_losses_are_skipped_then_stop_the_run(dataset, tmp_path):
-    skipped = train(run_config(dataset, str(tmp_path), "nan-once", faults__nan_at_micro_batches=(1,)))
-    assert skipped.metrics["step"] == 4 and skipped.metrics["bad_steps"] == 1
+def test_nan_losses_in_a_row_stop_the_run_and_keep_the_last_checkpoint(dataset, tmp_path):
     with pytest.raises(Exception, match="non-finite losses in a row"):
         train(run_config(dataset, str(tmp_path), "nan-many", faults__nan_at_micro_batches=(2, 3, 4),
                          faults__max_bad_steps_in_a_row=3))

@@ -13,4 +13,5 @@
     train_state.py       TrainState: one rank's step, data position and counters, as checkpoints hold it
     faults.py            fault injection (a rank that dies, NaN losses), built once and asked by the loop
     run_logger.py        progress lines, wandb, sample grids
+    loss_curve.py        the run's metrics.jsonl and loss.png, rewritten at checkpoints, trimmed on resume
 """

@@ -1,10 +1,12 @@
-"""What a training run shows people: a progress line, wandb, and 1-step sample grids.
+"""What a training run shows people: a progress line, wandb, 1-step sample grids and the loss curve.
 
 Only rank 0 writes. wandb's run id is the run name, so a resumed run continues the same
 wandb run; with no WANDB_API_KEY in the environment it logs offline (``wandb sync`` later).
 The key is read by wandb itself from the environment and never passes through our config.
 Sample grids go to ``<storage>/<name>/samples/step_XXXXXXXX.png`` (and to wandb); a latent
 model's samples are decoded by the VAE its dataset's manifest names, loaded on rank 0 at the first grid.
+The reported metrics go to ``<storage>/<name>/metrics.jsonl`` and ``loss.png`` at every checkpoint and
+at the end (emf_dist/train/loss_curve.py).
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from emf_dist import storage
 from emf_dist.generate import image_grid, to_uint8
 from emf_dist.samplers import sample
 from emf_dist.train.config import TrainConfig
+from emf_dist.train.loss_curve import LossCurve
 from emf_dist.vae import decode_latents, load_vae
 
 
@@ -33,6 +36,7 @@ class RunLogger:
         self.cfg, self.rank, self.sample_text = cfg, rank, sample_text
         self.start, self.start_step = time.perf_counter(), resumed_at
         self.wandb, self._vae = None, None
+        self.curve = LossCurve(storage.join(cfg.storage_path, cfg.name), resumed_at) if rank == 0 else None
         if rank == 0 and wandb_mode(cfg.logging.wandb) != "disabled":
             import wandb
 
@@ -50,8 +54,14 @@ class RunLogger:
         print(f"step {step}/{total}  loss {metrics['loss']:.4f}  grad {metrics['grad_norm']:.3f}  "
               f"lr {metrics['lr']:.2e}  {metrics['samples_per_s']:.1f} samples/s  jvp {metrics['jvp_share']:.0%}  "
               f"{rate:.2f} steps/s  eta {eta:.0f}s", flush=True)
+        self.curve.add(metrics)
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
+
+    def write_curve(self) -> None:
+        """metrics.jsonl and loss.png as they stand (rank 0; called at checkpoints and at the end)."""
+        if self.curve is not None:
+            self.curve.write()
 
     @torch.no_grad()
     def sample_grid(self, model: torch.nn.Module, step: int) -> None:
@@ -101,5 +111,6 @@ class RunLogger:
         return self._vae or None
 
     def finish(self) -> None:
+        self.write_curve()
         if self.wandb is not None:
             self.wandb.finish()

@@ -189,6 +189,7 @@ class Trainer:
                     self.logger.sample_grid(self.engine.module, step)
             self.logger.log(metrics)
             if due_checkpoint:
+                self.logger.write_curve()
                 metrics["rank_param_spread"] = self._check_ranks_agree()
                 self._checkpoint(metrics)
             else:
