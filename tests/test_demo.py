@@ -71,6 +71,7 @@ def test_the_terminal_names_each_step_and_what_prep_wrote(demo):
 def test_the_log_file_holds_rays_the_workers_and_wandbs_output(demo):
     log = Path(demo["out"], "logs", "demo.log").read_text()
     assert "(RayTrainWorker pid=" in log and "wandb: " in log  # the pretrain step logs to wandb offline
+    assert list(Path(demo["pretrain"], "wandb").glob("offline-run-*")), "the offline run is not beside the run"
     assert re.search(r"\[\d+/\d+\] pretrain \(train\)", log)  # the project's lines too, for context
 
 

@@ -1,7 +1,9 @@
 """What a training run shows people: a progress line, wandb, 1-step sample grids and the loss curve.
 
 Only rank 0 writes. wandb's run id is the run name, so a resumed run continues the same
-wandb run; with no WANDB_API_KEY in the environment it logs offline (``wandb sync`` later).
+wandb run; with no WANDB_API_KEY in the environment it logs offline, into ``<storage>/<name>/wandb``
+when the storage is a local folder (``wandb sync`` it later; on an object store, in a temp folder
+of rank 0's machine, which wandb names at the end).
 The key is read by wandb itself from the environment and never passes through our config.
 Sample grids go to ``<storage>/<name>/samples/step_XXXXXXXX.png`` (and to wandb); a latent
 model's samples are decoded by the VAE its dataset's manifest names, loaded on rank 0 at the first grid.
@@ -31,6 +33,16 @@ def wandb_mode(setting: str) -> str:
     return setting
 
 
+def wandb_folder(run_url: str) -> str:
+    """Where wandb keeps its files: beside the checkpoints when they are local, else a temp folder
+    (wandb writes its files in place, which an object store cannot take)."""
+    if storage.is_remote(run_url):
+        return tempfile.mkdtemp(prefix="emf-wandb-")
+    folder = storage.local_path(run_url)
+    os.makedirs(folder, exist_ok=True)
+    return folder
+
+
 class RunLogger:
     def __init__(self, cfg: TrainConfig, rank: int, sample_text: dict | None, resumed_at: int):
         self.cfg, self.rank, self.sample_text = cfg, rank, sample_text
@@ -43,7 +55,7 @@ class RunLogger:
             from emf_dist.config import to_dict
             self.wandb = wandb.init(project=cfg.logging.wandb_project, name=cfg.name, id=cfg.name, resume="allow",
                                     mode=wandb_mode(cfg.logging.wandb), config=to_dict(cfg),
-                                    dir=tempfile.mkdtemp(prefix="emf-wandb-"))
+                                    dir=wandb_folder(storage.join(cfg.storage_path, cfg.name)))
 
     def log(self, metrics: dict) -> None:
         if self.rank != 0:
