@@ -1,12 +1,13 @@
 """A training stage's fixed cost: `train()` of a few steps, several times on one Ray instance.
 
-    python -m benchmarks.train_stage_overhead [--fits 2] [--preload MODULES] [--wait 20]
+    python -m benchmarks.train_stage_overhead [--fits 2] [--preload MODULES] [--env NAME=VALUE ...] [--wait 20]
 
 Preps 64 scenes into a temporary folder, starts a local Ray instance (2 CPUs, as the demo's head)
 with ``RAY_preload_python_modules=MODULES`` when given (Ray's idle workers then import them before
 a worker group asks for them), waits ``--wait`` seconds (what the demo's first steps give idle
-workers), then times each fit of 4 steps on 2 workers. Run it once with and once without
-``--preload`` one after the other; the first fit also pays for Ray Train's first actors.
+workers), then times each fit of 4 steps on 2 workers, with ``--env`` variables set in the driver
+(Ray Train hands its own on to its controller). Run it once with and once without an option, one
+after the other; the first fit also pays for Ray Train's first actors.
 """
 from __future__ import annotations
 
@@ -30,8 +31,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fits", type=int, default=2)
     parser.add_argument("--preload", default="", help="comma-separated modules, e.g. torch,deepspeed")
+    parser.add_argument("--env", nargs="*", default=[], help="NAME=VALUE, e.g. RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=0")
     parser.add_argument("--wait", type=float, default=20.0)
     args = parser.parse_args()
+    os.environ.update(item.split("=", 1) for item in args.env)
     if args.preload:
         os.environ["RAY_preload_python_modules"] = args.preload  # read by the raylet ray.init starts
     import ray
@@ -48,7 +51,8 @@ def main() -> None:
     for fit in range(args.fits):
         start = time.perf_counter()
         train(tiny_fit(f"{folder}/shards", f"{folder}/runs", f"fit{fit}"))
-        print(f"preload={args.preload or '-'}  fit {fit}: {time.perf_counter() - start:.1f} s", flush=True)
+        print(f"preload={args.preload or '-'}  env={' '.join(args.env) or '-'}  fit {fit}: "
+              f"{time.perf_counter() - start:.1f} s", flush=True)
     ray.shutdown()
 
 

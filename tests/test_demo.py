@@ -20,6 +20,8 @@ from pipelines.registry import Registry
 from tests.demo_run import REPO, TRAIN_STEPS
 from tests.helpers import ray_chatter
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def demo(tiny_demo) -> dict[str, str]:

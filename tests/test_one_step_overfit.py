@@ -19,6 +19,8 @@ from emf_dist.time_sampling import TimeSamplerConfig
 from emf_dist.train.config import OptimConfig, ScalingOptions, TrainConfig
 from emf_dist.train.local import InMemoryData, train_local
 
+pytestmark = pytest.mark.slow
+
 SIDE = 8
 CAPTIONS = ["a red block", "a blue block", "a yellow block"]
 COLORS = [(1.0, -1.0, -1.0), (-1.0, -1.0, 1.0), (1.0, 1.0, -1.0)]

@@ -33,6 +33,8 @@ from emf_dist.scenes.generator import SceneConfig, make_scene
 from emf_dist.text_encoder import TextEncoder, TextEncoderConfig
 from tests.s3_server import s3_server
 
+pytestmark = pytest.mark.slow
+
 SECRET = "s3cr3t-never-in-any-file-Zq9"
 
 
