@@ -6,8 +6,9 @@
 The MeanFlow steps run the JVP pass both ways, side by side: our DiT's hand-written
 primal-and-tangent pass (``objective.jvp: explicit``, emf_dist/model_jvp.py) and PyTorch's
 forward-mode AD (``forward_ad``). The "demo" size is the demo's fine-tune: its model and per-worker
-micro-batch. Every configuration runs in its own process (benchmarks/measure.py) and the rounds are
-interleaved, so slow drift on a shared machine hits all alike; each figure is the fastest round's median.
+micro-batch. Every configuration runs in its own processes (benchmarks/measure.py: one times it, one reads its peak
+memory) and the rounds are interleaved, so slow drift on a shared machine hits all alike; each figure
+is the fastest round's median.
 """
 
 from __future__ import annotations
@@ -64,11 +65,12 @@ def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5, help="timed steps per process; the figure is their median")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of every measured process")
     parser.add_argument("--sizes", default=",".join(SIZES), help="comma-separated, of: " + ", ".join(SIZES))
     args = parser.parse_args(argv)
     sizes = ["tiny"] if args.quick else args.sizes.split(",")
-    rounds, repeats = (1, 3) if args.quick else (args.rounds, 5)
+    rounds, repeats = (1, 3) if args.quick else (args.rounds, args.repeats)
     configs = [(size, checkpointing, name, r_neq_t, jvp) for size in sizes for checkpointing in (False, True)
                for name, r_neq_t, jvp in VARIANTS]
     specs = [dict(size=size, checkpointing=checkpointing, r_neq_t=r_neq_t, jvp=jvp, repeats=repeats,
