@@ -19,6 +19,7 @@ from typing import Iterator
 
 from cluster import local
 from emf_app.console import Console, routed
+from emf_dist.ray_env import start_autoscaling_coordinator
 from pipelines.run import PipelineFailed, RunRecord, run_pipeline
 from pipelines.spec import PipelineSpec, load_spec
 
@@ -31,6 +32,7 @@ def local_ray(cfg: local.LocalClusterConfig, console: Console) -> Iterator[None]
     try:
         with local.driver(state):
             console.take_worker_output()  # after ray.init, which installs Ray's own forwarding
+            start_autoscaling_coordinator()  # starts during the encoders and prep, not in the first fit
             yield
     finally:
         if started:

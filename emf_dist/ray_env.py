@@ -38,3 +38,22 @@ def init_driver(address: str | None, **kwargs):
     import ray
     prepare_driver(address)
     return ray.init(address=address, **kwargs)
+
+
+def start_autoscaling_coordinator() -> bool:
+    """Start, without waiting for it, the actor a Ray instance's first Ray Train fit asks for resources.
+
+    Ray Train (2.60) requests its workers' resources from Ray Data's autoscaling coordinator, a
+    detached actor it creates on first use, and waits 5 s for each answer: on a busy machine the
+    actor's process takes longer than that to start, so the first fit of a Ray instance sits through
+    timed-out requests (docs/benchmarks.md). Created when the driver joins, it starts while the work
+    before the first fit runs. Returns False, doing nothing, where Ray has no such actor.
+    """
+    try:
+        from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+            get_or_create_autoscaling_coordinator,
+        )
+    except ImportError:  # another Ray: its fits pay what they pay
+        return False
+    get_or_create_autoscaling_coordinator()  # a detached, named actor: it outlives the handle
+    return True

@@ -23,7 +23,7 @@ def float64():
 
 
 @pytest.fixture(scope="session")
-def tiny_demo(tmp_path_factory) -> dict[str, str]:
+def tiny_demo(tmp_path_factory) -> dict:
     """One tiny `emf demo` for the test modules that read its output (tests/demo_run.py)."""
     from tests.demo_run import run_tiny_demo
     return run_tiny_demo(tmp_path_factory.mktemp("demo") / "demo")

@@ -62,6 +62,7 @@ class Finished:
     returncode: int
     stdout: str
     stderr: str
+    resource_request_timeouts: int  # Ray Train's requests to Ray Data's autoscaling coordinator that timed out
 
     @property
     def terminal(self) -> str:
@@ -78,15 +79,23 @@ def on_own_head(script: str, *args: str) -> Finished:
     done = subprocess.run([sys.executable, "-c", script, *args, json.dumps(cluster)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=900)
     assert local.running_state(local.LocalClusterConfig(**cluster)) is None  # the head it started is stopped
+    timeouts = resource_request_timeouts(root / "ray")
     shutil.rmtree(root, ignore_errors=True)
-    return Finished(done.returncode, done.stdout, done.stderr)
+    return Finished(done.returncode, done.stdout, done.stderr, timeouts)
 
 
-def run_tiny_demo(out: Path) -> dict[str, str]:
+def resource_request_timeouts(ray_temp: Path) -> int:
+    """The warnings Ray Train's controllers logged, in the head's session logs, for resource requests
+    the autoscaling coordinator did not answer in time (one per request: each cost the fit 5 s)."""
+    logs = ray_temp.glob("session_*/logs/train/ray-train-sys-controller-*.log")
+    return sum(path.read_text(errors="replace").count("Failed to send resource request") for path in logs)
+
+
+def run_tiny_demo(out: Path) -> dict:
     """`emf demo` at a tiny budget; returns the paths it printed ({"report": ..., "shards": ...}),
-    its output folder, and what it printed."""
+    its output folder, what it printed, and its fits' timed-out resource requests."""
     done = on_own_head(DEMO_SCRIPT, str(out), json.dumps(TINY))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "pipeline emf: succeeded" in done.stdout
     return {**dict(re.findall(r"^  (\w+): +(\S+)", done.stdout, re.MULTILINE)), "out": str(out),
-            "stdout": done.stdout, "log": done.terminal}
+            "stdout": done.stdout, "log": done.terminal, "resource_request_timeouts": done.resource_request_timeouts}

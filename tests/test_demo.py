@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def demo(tiny_demo) -> dict[str, str]:
+def demo(tiny_demo) -> dict:
     return tiny_demo
 
 
@@ -43,6 +43,12 @@ def test_demo_runs_the_pipeline_on_its_own_head_and_says_where_everything_is(dem
     image = tmp_path / "red.png"
     assert emf(["generate", "--model", paths["model"], "--steps", "1", "--out", str(image), "a red circle"]) == 0
     assert np.asarray(Image.open(image)).shape == (16, 16, 3)
+
+
+def test_no_fit_waits_for_ray_datas_autoscaling_coordinator_to_start(demo):
+    # The demo starts the coordinator when its driver joins the head; left to the first fit, its start
+    # outlasts Ray Train's 5-s requests on a busy machine, and the fit waits them out.
+    assert demo["resource_request_timeouts"] == 0
 
 
 def test_demo_rejects_a_bad_override_before_starting_anything(tmp_path, capsys):
