@@ -27,7 +27,7 @@ COLORS = [(1.0, -1.0, -1.0), (-1.0, -1.0, 1.0), (1.0, 1.0, -1.0)]
 CORNERS = [[(0, 0), (4, 4)], [(0, 4), (4, 0)], [(0, 0), (4, 4)]]
 CLOSE = 0.05  # squared error under which a sample is its training image with light noise (the blend: 0.25)
 STEPS = 1000  # the same optimizer-step budget for both objectives
-SAMPLES = 240  # 40 noise draws per training image: the close share to within a few percent
+SAMPLES = 240  # 40 noise draws per training image, so the close share is not one draw's luck
 
 
 def _dataset(encoder: TextEncoder) -> InMemoryData:
@@ -75,9 +75,8 @@ def data():
 def test_meanflow_reproduces_each_caption_in_one_step_and_flow_matching_does_not(data):
     """A one-step generator is a continuous map from noise, so samples near the boundary between
     the two modes are blends whatever the training, and how many land close to a training image
-    varies with the training seed and the machine's float rounding. Over training seeds 0-5:
-    MeanFlow 41-73% of the samples close (median error 0.003-0.08), flow matching 11-18% (median
-    0.11-0.14); the bounds sit between the two ranges."""
+    varies with the training seed and the machine's float rounding: the bounds sit between the two
+    objectives' ranges over training seeds (docs/benchmarks.md, "The test suite")."""
     meanflow = _train_and_sample(data, "meanflow")
     flow_matching = _train_and_sample(data, "flow_matching")
     print(f"\none-step squared error to the nearest own image: MeanFlow median {np.median(meanflow):.4f}, "
