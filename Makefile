@@ -22,7 +22,7 @@ demo: $(STAMP)
 	$(BIN)/emf demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --maxprocesses 4
 
 clean:
 	rm -rf $(VENV)

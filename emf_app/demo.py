@@ -72,7 +72,7 @@ def where_things_are(record: RunRecord) -> str:
              f"  report:      {os.path.join(report, 'report.md')} (metrics.json, steps-vs-quality plot, grids)",
              f"  encoders:    {os.path.join(out['encoders']['report'], 'report.md')}",
              f"  shards:      {out['prep']['out']} (manifest.json)"]
-    for step in record.steps:  # the training runs in pipeline order: pretrain, finetune, distill_1, ...
+    for step in record.steps:  # the training runs in pipeline order: pretrain, finetune, distill
         if step.kind == "train" and "run" in step.outputs:
             lines.append(f"  {step.name + ':':<12} {step.outputs['run']} "
                          f"({step.config['mode']}: DeepSpeed checkpoints, samples/, loss.png)")

@@ -14,8 +14,8 @@ model (the teacher) samples in k steps and the student's 1-step query regresses 
 
 Only captions are needed (the images of the batch are not used). Every row is the 1-step
 query; the other intervals are not trained. A fixed teacher saturates, so training runs in
-rounds, each round's result the next round's teacher (what rounds do to 1, 2 and 4 steps on the
-demo recipe: docs/benchmarks.md).
+rounds, each round's result the next round's teacher (``SplitDistillConfig.rounds``; what rounds do
+to 1, 2 and 4 steps on the demo recipe: docs/benchmarks.md).
 
 ``split_average_velocity`` is the identity itself, for any split of any interval per row; the
 MeanFlow objective's split rows (MeanFlowConfig.split_share) use it with the network as its own
@@ -56,6 +56,10 @@ class SplitDistillConfig:
     adaptive_p: float = 0.5  # adaptive loss weight 1/(err^2 + c)^p, as in the MeanFlow objective
     adaptive_c: float = 1e-3
     text_drop: float = 0.1  # rows whose text is replaced by the null condition, for teacher and student alike
+    # Rounds in one run: the run's steps split evenly, each round's EMA weights the next round's start
+    # and teacher (a fixed teacher saturates). Each round is the run a one-round config would make,
+    # seeded seed + round (TrainConfig.distill_round), so R rounds equal R chained runs.
+    rounds: int = 1
 
     def validate(self) -> list[str]:
         problems = []
@@ -64,6 +68,8 @@ class SplitDistillConfig:
                             f"itself), got {self.teacher_steps}")
         if not 0.0 <= self.text_drop < 1.0:
             problems.append(f"text_drop must lie in [0, 1), got {self.text_drop}")
+        if self.rounds < 1:
+            problems.append(f"rounds must be >= 1, got {self.rounds}")
         if self.adaptive_p < 0 or self.adaptive_c <= 0:
             problems.append(f"need adaptive_p >= 0 and adaptive_c > 0, got {self.adaptive_p}, {self.adaptive_c}")
         return problems

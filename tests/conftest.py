@@ -1,6 +1,47 @@
-"""Fixtures shared by several test modules."""
+"""Fixtures shared by several test modules, and how `make test` spreads modules over processes."""
+import os
+
 import pytest
 import torch
+
+# `make test` runs the modules in two processes (pytest-xdist), each module whole in one of them,
+# so that its module fixtures (a prepared dataset, a reference fit, a Ray instance) are made once.
+# Modules that share a session fixture are one unit: both of these read the one tiny demo.
+SHARED_UNITS = {"tests/test_demo_output.py": "tests/test_demo.py"}
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return SHARED_UNITS.get(module, module)
+
+    config.option.loadscopereorder = False  # the order below: the longest units first
+    return ModuleScheduling(config, log)
+
+
+def pytest_collection_modifyitems(items):
+    """Modules with slow tests first (the tiny demo's first of all), so that neither process is
+    left alone with a long one at the end; the order within each module is kept."""
+    def rank(item) -> int:
+        path = item.nodeid.split("::", 1)[0]
+        if path in SHARED_UNITS or path in SHARED_UNITS.values():
+            return 0
+        return 1 if any(other.get_closest_marker("slow") for other in by_module[path]) else 2
+    by_module: dict[str, list] = {}
+    for item in items:
+        by_module.setdefault(item.nodeid.split("::", 1)[0], []).append(item)
+    items.sort(key=rank)
+
+
+def pytest_configure(config):
+    """In a test process beside another, one torch thread each: two processes spinning two
+    threads each on two cores run the numerical tests several times slower."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")

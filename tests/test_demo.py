@@ -110,7 +110,7 @@ def test_the_demo_model_retrains_on_new_data_and_then_has_nothing_to_do(demo, tm
     prep = yaml.safe_load((REPO / "pipelines/specs/emf.yaml").read_text())["steps"]["prep"]["config"]
     prep["source"]["count"] = 96  # the demo wrote 64
     prep["samples_per_shard"] = 32
-    tiny = [f"steps.{step}.config.{key}" for step in ("finetune", "distill_1", "distill_2") for key in (
+    tiny = [f"steps.{step}.config.{key}" for step in ("finetune", "distill") for key in (
         "steps=4", "micro_batch=4", "checkpoint_every=2", "logging.wandb=disabled", "scaling.num_workers=1")]
     for step in ("benchmark", "benchmark_promoted"):
         tiny += [f"steps.{step}.config.eval.benchmark.{key}" for key in (

@@ -337,6 +337,6 @@ def test_retrain_trains_its_candidate_with_the_emf_recipe():
                 for name, step in spec.steps.items() if step.kind == "train" and name != "pretrain"}
 
     emf, retrain = train_configs("emf"), train_configs("retrain")
-    assert set(retrain) == {"finetune", "distill_1", "distill_2"}
+    assert set(retrain) == {"finetune", "distill"}
     for name, config in retrain.items():
         assert config == emf[name], name

@@ -137,14 +137,12 @@ def test_cli_exit_codes_and_a_run_already_holding_the_storage(tmp_path, capsys):
 def test_packaged_specs_load_and_copy_no_secret_into_the_record(tmp_path, monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "never-in-a-record-91x")
     emf = load_spec("emf", [f"storage={tmp_path}"])
-    rounds = ["distill_1", "distill_2"]
-    assert list(emf.steps) == ["encoders", "prep", "pretrain", "finetune", *rounds, "benchmark"]
+    assert list(emf.steps) == ["encoders", "prep", "pretrain", "finetune", "distill", "benchmark"]
     assert emf.steps["finetune"].config["init_from"] == "${steps.pretrain.export}"
-    # each distillation round starts from the one before (YAML merge keys share the rest)
-    assert [emf.steps[r].config["init_from"] for r in rounds] == [
-        "${steps.finetune.export}", "${steps.distill_1.export}"]
-    assert emf.steps["benchmark"].config["model"] == "${steps.distill_2.export}"
-    assert list(load_spec("retrain").steps) == ["finetune", *rounds, "benchmark", "benchmark_promoted"]
+    assert emf.steps["distill"].config["init_from"] == "${steps.finetune.export}"
+    assert emf.steps["distill"].config["distill"]["rounds"] == 2  # the rounds run in one worker group
+    assert emf.steps["benchmark"].config["model"] == "${steps.distill.export}"
+    assert list(load_spec("retrain").steps) == ["finetune", "distill", "benchmark", "benchmark_promoted"]
     spec = load_spec(write_spec(tmp_path / "spec.json", {"a": {"kind": "command", "config": {"argv": ["true"]}}}))
     record = run_pipeline(spec)
     text = json.dumps(Store(spec.storage).read_json("runs", f"{record.run_id}.json"))

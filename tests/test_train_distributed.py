@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import glob
 import os
+from dataclasses import replace
 
 import pytest
 import torch
@@ -14,9 +15,10 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from emf_dist.config import from_dict
+from emf_dist.export import load_model
 from emf_dist.model import VelocityNet
 from emf_dist.storage import Store
-from emf_dist.train.checkpoint import consolidated_weights
+from emf_dist.train.checkpoint import TEACHER_FILE, consolidated_weights
 from emf_dist.train.config import TrainConfig
 from emf_dist.train.driver import train
 from emf_dist.train.local import train_local
@@ -164,6 +166,35 @@ def test_single_process_loop_equals_two_zero0_workers(zero0):
     assert moved > 1e-3  # three Adam steps at lr 1e-3 move the weights: the comparison is not trivial
     for name, param in model.named_parameters():  # float32 all-reduce vs local sum: ~1e-7 apart
         torch.testing.assert_close(param.detach(), distributed[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_distillation_rounds_in_one_run_equal_chained_runs_and_resume_inside_a_round(dataset, zero0, tmp_path):
+    """Two rounds in one worker group, stopped inside the second round and resumed, against the local
+    loop run round by round: each round from the one before's EMA weights, which are also its teacher."""
+    start = zero0[1].export
+    cfg = run_config(dataset, str(tmp_path), "rounds", mode="meanflow_distill", init_from=start, steps=4,
+                     checkpoint_every=1, distill={"teacher_steps": 2, "rounds": 2})
+    train(replace(cfg, stop_after=3))
+    run = tmp_path / "rounds"
+    assert not (run / "step_00000002" / TEACHER_FILE).exists()  # the first round's teacher is the export
+    assert (run / "step_00000003" / TEACHER_FILE).exists()
+    result = train(cfg)
+    assert result.metrics["step"] == 4
+
+    teacher, _ = load_model(start)
+    initial = {name: p.detach().clone() for name, p in teacher.named_parameters()}
+    for index in range(cfg.distill.rounds):  # the oracle: one-round runs chained
+        round_cfg = cfg.distill_round(index)
+        streams = [build_batches(round_cfg, rank, cfg.scaling.num_workers) for rank in range(cfg.scaling.num_workers)]
+        student = build_model(round_cfg, teacher)
+        trained = train_local(student, build_objective(round_cfg, teacher.eval().requires_grad_(False)), streams,
+                              round_cfg)
+        trained["ema"].copy_to(teacher)
+    exported = load_file(str(run / "export" / "model.safetensors"))
+    moved = max(float((p.detach() - initial[name]).abs().max()) for name, p in teacher.named_parameters())
+    assert moved > 1e-4  # the comparison is not trivial
+    for name, param in teacher.named_parameters():  # ZeRO-2's reduce-scatter vs a local sum: ~1e-7 apart
+        torch.testing.assert_close(exported[name], param.detach(), rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_nan_losses_in_a_row_stop_the_run_and_keep_the_last_checkpoint(dataset, tmp_path):

@@ -7,6 +7,8 @@ A checkpoint folder (one per reported step, in the run's storage) holds:
     ema.safetensors                the EMA weights (rank 0)
     state_rank<R>.safetensors      per rank: its sampling RNG state, and as metadata its
                                    TrainState (JSON: the step, the data position, the counters)
+    teacher.safetensors            distillation after its first round: the round's frozen teacher
+                                   (rank 0; the first round's is the init_from export)
     train_config.json              the run's config (rank 0), for people and tools
 
 DeepSpeed loads its files with ``torch.load(weights_only=False)``. ``safe_torch_load`` forces
@@ -27,6 +29,7 @@ from emf_dist.ema import EMA
 from emf_dist.train.train_state import TrainState
 
 DS_TAG = "ds"
+TEACHER_FILE = "teacher.safetensors"
 
 
 def _deepspeed_safe_globals() -> list:
@@ -99,6 +102,33 @@ def load_train_state(folder: str, rank: int, generator: torch.Generator) -> Trai
     generator.set_state(load_file(path)["generator"])
     with safe_open(path, "pt") as f:
         return TrainState.from_saved(json.loads(f.metadata()["state"]))
+
+
+def saved_step(folder: str, rank: int) -> int:
+    """The optimizer step a checkpoint was written at, read before anything is built to load it into."""
+    from safetensors import safe_open
+    with safe_open(_state_file(folder, rank), "pt") as f:
+        return TrainState.from_saved(json.loads(f.metadata()["state"])).step
+
+
+def save_teacher(folder: str, teacher: torch.nn.Module) -> None:
+    save_file({name: p.detach().contiguous() for name, p in teacher.named_parameters()},
+              os.path.join(folder, TEACHER_FILE))
+
+
+def load_teacher(folder: str, teacher: torch.nn.Module) -> None:
+    """Copy ``save_teacher``'s weights into ``teacher`` (the same architecture); every parameter must be there."""
+    path = os.path.join(folder, TEACHER_FILE)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint {folder} is inside a later distillation round but holds no "
+                                f"{TEACHER_FILE}: it was not written by this version's multi-round run")
+    weights, params = load_file(path), dict(teacher.named_parameters())
+    if weights.keys() != params.keys():
+        raise ValueError(f"{path} does not match the run's model; differing parameters: "
+                         f"{sorted(weights.keys() ^ params.keys())[:5]}")
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(weights[name])
 
 
 def load_ema(folder: str, ema: EMA) -> None:

@@ -7,7 +7,7 @@ against the model and encoder.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from emf_dist.backbones.adapter import BackboneConfig
@@ -176,6 +176,17 @@ class TrainConfig:
         return self.mode in ("meanflow_finetune", "meanflow_distill")
 
     @property
+    def round_steps(self) -> int:
+        """Optimizer steps per distillation round (the whole run when it is one round)."""
+        return self.steps // self.distill.rounds
+
+    def distill_round(self, index: int) -> TrainConfig:
+        """Round ``index`` (from 0) of a multi-round distillation as the one-round run it equals: its
+        steps, its own seed (noise draws and data order), its own warm-up and decay."""
+        return replace(self, seed=self.seed + index, steps=self.round_steps, stop_after=0,
+                       distill=replace(self.distill, rounds=1))
+
+    @property
     def global_batch(self) -> int:
         return self.micro_batch * self.grad_accum * max(1, self.scaling.num_workers)
 
@@ -211,6 +222,10 @@ class TrainConfig:
         if self.objective.velocity == "teacher" and self.mode != "meanflow_finetune":
             problems.append("objective.velocity: teacher takes the fine-tuning parent as the teacher: it needs "
                             f"mode meanflow_finetune and init_from (mode is {self.mode})")
+        if self.distill.rounds > 1 and (self.mode != "meanflow_distill" or self.steps % self.distill.rounds):
+            problems.append(f"distill.rounds {self.distill.rounds} splits a meanflow_distill run's steps evenly: "
+                            f"it needs mode meanflow_distill (got {self.mode}) and steps divisible by it "
+                            f"(got {self.steps})")
         if self.stop_after < 0 or self.stop_after > self.steps:
             problems.append(f"stop_after must lie in [0, steps={self.steps}], got {self.stop_after}")
         if self.checkpoint_every < 1 or self.keep_checkpoints < 1:

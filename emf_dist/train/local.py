@@ -48,6 +48,9 @@ def train_local(model: nn.Module, objective, data: InMemoryData | list[Iterator[
 
     ``data``: in-memory samples (each simulated rank draws from them with its own RNG), or one
     batch iterator per rank (len == cfg.scaling.num_workers)."""
+    if cfg.distill.rounds > 1:
+        raise ValueError(f"train_local runs one distillation round; run cfg.distill_round(i) for each of the "
+                         f"{cfg.distill.rounds}, each from the round before's EMA weights")
     ranks = cfg.scaling.num_workers
     generators = [objective_generator(cfg, rank) for rank in range(ranks)]
     streams = [data.stream(cfg.micro_batch, g) for g in generators] if isinstance(data, InMemoryData) else data

@@ -12,6 +12,7 @@ all-reduce); too many in a row stop the run before the next checkpoint could sto
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
@@ -24,7 +25,7 @@ from emf_dist import storage
 from emf_dist.config import from_dict
 from emf_dist.ema import EMA
 from emf_dist.model import VelocityNet
-from emf_dist.train.checkpoint import load_checkpoint, save_checkpoint
+from emf_dist.train.checkpoint import load_checkpoint, load_teacher, save_checkpoint, save_teacher, saved_step
 from emf_dist.train.config import TrainConfig
 from emf_dist.train.engine import build_engine, jvp_parameter_scope
 from emf_dist.train.faults import fault_injector
@@ -52,7 +53,6 @@ def load_parent(cfg: TrainConfig) -> VelocityNet:
 def _gathered(engine):
     """Full parameters for a moment: ZeRO-3 holds only a shard of each on every rank."""
     if engine.zero_optimization_stage() != 3:
-        import contextlib
         return contextlib.nullcontext()
     import deepspeed
     return deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
@@ -71,7 +71,11 @@ def _mean_over_ranks(values: list[float], device) -> list[float]:
 
 
 class Trainer:
-    """One rank's state; ``run`` trains until cfg.steps optimizer steps are done."""
+    """One rank's state; ``run`` trains until cfg.steps optimizer steps are done.
+
+    A multi-round distillation (cfg.distill.rounds) builds a fresh student, EMA, engine, objective
+    RNG and batch stream for every round, from the round before's EMA weights, which also become the
+    frozen teacher: each round is the run its one-round config (cfg.distill_round) would make."""
 
     def __init__(self, cfg: TrainConfig, sample_text: dict | None):
         import ray.train
@@ -81,31 +85,60 @@ class Trainer:
         os.environ.setdefault("LOCAL_RANK", str(ctx.get_local_rank()))
         self.on_gpu = cfg.scaling.use_gpu and torch.cuda.is_available()
         self.device = ray.train.torch.get_device() if self.on_gpu else torch.device("cpu")
-        parent = load_parent(cfg) if cfg.init_from else None
-        model = build_model(cfg, parent)
-        model = model.to(self.device)
-        # On the device (an update per step reads every weight) and before ZeRO-3 partitions them.
-        self.ema = EMA(model, cfg.ema_decay)
-        self.engine = build_engine(model, cfg, self.world, self.on_gpu)
-        self.objective = build_objective(cfg, build_teacher(cfg, parent, self.device), jvp_parameter_scope(cfg))
-        self.generator = objective_generator(cfg, self.rank, self.device)
+        # The init_from export; in distillation also the teacher, whose weights each new round replaces.
+        self.parent = load_parent(cfg) if cfg.init_from else None
         self.grad_norm = 0.0  # of the last optimizer step; ZeRO-0 only (stages >= 1 keep their own)
         self.faults = fault_injector(cfg, self.rank)  # None in an ordinary run
         self.state = TrainState()
-        self._restore()
-        self.batches = build_batches(cfg, self.rank, self.world, epoch=self.state.data.epoch,
-                                     taken=self.state.data.taken)
+        checkpoint = ray.train.get_checkpoint()
+        with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as folder:
+            self._start_round(self._round_of(saved_step(folder, self.rank)) if folder else 0, folder)
+            if folder:
+                self.state = load_checkpoint(folder, self.engine, self.ema, self.rank, self.generator)
+                if self.rank == 0:
+                    print(f"resumed from step {self.state.step}", flush=True)
+        self._open_batches()
         self.logger = RunLogger(cfg, self.rank, sample_text, resumed_at=self.state.step)
 
-    def _restore(self) -> None:
-        import ray.train
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
-            return
-        with checkpoint.as_directory() as folder:
-            self.state = load_checkpoint(folder, self.engine, self.ema, self.rank, self.generator)
+    def _round_cfg(self) -> TrainConfig:
+        return self.cfg.distill_round(self.round) if self.cfg.distill.rounds > 1 else self.cfg
+
+    def _round_of(self, step: int) -> int:
+        """The round whose steps end at ``step`` (a checkpoint at a round's last step is that round's)."""
+        return max(0, step - 1) // self.cfg.round_steps
+
+    def _start_round(self, index: int, checkpoint: str | None = None) -> None:
+        """Build the round's student, EMA, engine, objective and RNG. A later round starts from the
+        teacher's weights: the round before's EMA, or, resuming inside it, the checkpoint's copy."""
+        self.round = index
+        cfg = self._round_cfg()
+        if index and checkpoint:
+            load_teacher(checkpoint, self.parent)
+        self.engine = None  # the last round's ZeRO buffers go before the next round's are made
+        model = build_model(cfg, self.parent).to(self.device)
+        # On the device (an update per step reads every weight) and before ZeRO-3 partitions them.
+        self.ema = EMA(model, cfg.ema_decay)
+        self.engine = build_engine(model, cfg, self.world, self.on_gpu)
+        self.engine.train()
+        self.objective = build_objective(cfg, build_teacher(cfg, self.parent, self.device), jvp_parameter_scope(cfg))
+        self.generator = objective_generator(cfg, self.rank, self.device)
+
+    def _open_batches(self) -> None:
+        """The round's batch stream from the state's position (each round reads in its own order)."""
+        self.batches = build_batches(self._round_cfg(), self.rank, self.world, epoch=self.state.data.epoch,
+                                     taken=self.state.data.taken)
+        self.batches.skipped = self.state.skipped_samples
+
+    def _next_round(self) -> None:
+        """The round that ended hands its EMA weights on, as the next round's start and teacher."""
+        self.state.skipped_samples = self.batches.skipped  # counted over the run, across rounds
+        self.state.data = DataPosition()
+        self.ema.copy_to(self.parent)
+        self._start_round(self.round + 1)
+        self._open_batches()
         if self.rank == 0:
-            print(f"resumed from step {self.state.step}", flush=True)
+            print(f"distillation round {self.round + 1}/{self.cfg.distill.rounds} from step {self.state.step}",
+                  flush=True)
 
     def _micro_step(self, progress: float) -> tuple[float, float] | None:
         """Forward + backward of one micro-batch; None (and no backward) if any rank's loss is bad."""
@@ -134,7 +167,7 @@ class Trainer:
         """grad_accum good micro-batches (bad ones are replaced); returns (loss, JVP seconds)."""
         losses, jvp, bad_in_a_row = [], 0.0, 0
         while len(losses) < self.cfg.grad_accum:
-            result = self._micro_step(self.state.step / self.cfg.steps)
+            result = self._micro_step(self._progress())
             if result is None:
                 self.state.bad_steps += 1
                 bad_in_a_row += 1
@@ -152,6 +185,10 @@ class Trainer:
         self.state.step += 1
         return sum(losses) / len(losses), jvp
 
+    def _progress(self) -> float:
+        """Of the round (the run, when it is one round): what the objective's schedules follow."""
+        return (self.state.step - self.round * self.cfg.round_steps) / self.cfg.round_steps
+
     def _checkpoint(self, metrics: dict) -> None:
         import ray.train
 
@@ -161,15 +198,17 @@ class Trainer:
         with tempfile.TemporaryDirectory() as folder:
             save_checkpoint(folder, self.engine, self.ema, self.rank, self.state, self.generator,
                             config=to_dict(self.cfg))
+            if self.round and self.rank == 0:  # a later round's teacher is no export: keep it for a resume
+                save_teacher(folder, self.parent)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
                              checkpoint_dir_name=f"step_{self.state.step:08d}")
 
     def run(self) -> None:
         import ray.train
         cfg, window = self.cfg, {"loss": 0.0, "jvp": 0.0, "seconds": 0.0, "steps": 0}
-        self.batches.skipped = self.state.skipped_samples
-        self.engine.train()
         while self.state.step < self._last_step():
+            if self.state.step == (self.round + 1) * cfg.round_steps:
+                self._next_round()
             start = time.perf_counter()
             loss, jvp = self._optimizer_step()
             window["loss"] += loss
