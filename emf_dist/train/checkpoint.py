@@ -97,18 +97,19 @@ def save_train_state(folder: str, rank: int, state: TrainState, generator: torch
 
 def load_train_state(folder: str, rank: int, generator: torch.Generator) -> TrainState:
     """Restore the rank's RNG from ``save_train_state``'s file and return its TrainState."""
+    generator.set_state(load_file(_state_file(folder, rank))["generator"])
+    return _saved_state(folder, rank)
+
+
+def _saved_state(folder: str, rank: int) -> TrainState:
     from safetensors import safe_open
-    path = _state_file(folder, rank)
-    generator.set_state(load_file(path)["generator"])
-    with safe_open(path, "pt") as f:
+    with safe_open(_state_file(folder, rank), "pt") as f:
         return TrainState.from_saved(json.loads(f.metadata()["state"]))
 
 
 def saved_step(folder: str, rank: int) -> int:
     """The optimizer step a checkpoint was written at, read before anything is built to load it into."""
-    from safetensors import safe_open
-    with safe_open(_state_file(folder, rank), "pt") as f:
-        return TrainState.from_saved(json.loads(f.metadata()["state"])).step
+    return _saved_state(folder, rank).step
 
 
 def save_teacher(folder: str, teacher: torch.nn.Module) -> None:
