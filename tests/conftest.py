@@ -4,10 +4,15 @@ import os
 import pytest
 import torch
 
-# `make test` runs the modules in two processes (pytest-xdist), each module whole in one of them,
-# so that its module fixtures (a prepared dataset, a reference fit, a Ray instance) are made once.
-# Modules that share a session fixture are one unit: both of these read the one tiny demo.
+# `make test` runs the modules in parallel processes (pytest-xdist, one per core, at most four), each
+# module whole in one of them, so that its module fixtures (a prepared dataset, a reference fit, a
+# Ray instance) are made once. Modules that share a session fixture are one unit: both of these
+# read the one tiny demo.
 SHARED_UNITS = {"tests/test_demo_output.py": "tests/test_demo.py"}
+
+
+def _module(nodeid: str) -> str:
+    return nodeid.split("::", 1)[0]
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -16,25 +21,21 @@ def pytest_xdist_make_scheduler(config, log):
 
     class ModuleScheduling(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            module = nodeid.split("::", 1)[0]
-            return SHARED_UNITS.get(module, module)
+            return SHARED_UNITS.get(_module(nodeid), _module(nodeid))
 
     config.option.loadscopereorder = False  # the order below: the longest units first
     return ModuleScheduling(config, log)
 
 
 def pytest_collection_modifyitems(items):
-    """Modules with slow tests first (the tiny demo's first of all), so that neither process is
+    """The tiny demo's modules first, then the other modules with slow tests, so that no process is
     left alone with a long one at the end; the order within each module is kept."""
-    def rank(item) -> int:
-        path = item.nodeid.split("::", 1)[0]
-        if path in SHARED_UNITS or path in SHARED_UNITS.values():
-            return 0
-        return 1 if any(other.get_closest_marker("slow") for other in by_module[path]) else 2
-    by_module: dict[str, list] = {}
+    modules: dict[str, list] = {}
     for item in items:
-        by_module.setdefault(item.nodeid.split("::", 1)[0], []).append(item)
-    items.sort(key=rank)
+        modules.setdefault(_module(item.nodeid), []).append(item)
+    demo = {*SHARED_UNITS, *SHARED_UNITS.values()}
+    slow = {name for name, tests in modules.items() if any(t.get_closest_marker("slow") for t in tests)}
+    items.sort(key=lambda item: 0 if _module(item.nodeid) in demo else 1 if _module(item.nodeid) in slow else 2)
 
 
 def pytest_configure(config):
