@@ -49,6 +49,12 @@ def test_impossible_batch_arithmetic_and_fault_options_are_refused():
         config(mode="meanflow_distill")
     with pytest.raises(ConfigError, match="distill: teacher_steps must be >= 2"):
         config(mode="meanflow_distill", init_from="x", distill={"teacher_steps": 1})
+    with pytest.raises(ConfigError, match="distill.rounds 2 splits .* needs mode meanflow_distill"):
+        config(distill={"rounds": 2})
+    with pytest.raises(ConfigError, match=r"distill.rounds 2 splits .* \(got 5\)"):
+        config(mode="meanflow_distill", init_from="x", steps=5, distill={"rounds": 2})
+    with pytest.raises(ConfigError, match="rounds must be >= 1"):
+        config(mode="meanflow_distill", init_from="x", distill={"rounds": 0})
     with pytest.raises(ConfigError, match="velocity: teacher takes the fine-tuning parent"):
         config(objective={"velocity": "teacher"})
     with pytest.raises(ConfigError, match="only used with data.loader_workers: 0"):

@@ -9,7 +9,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from emf_dist.config import ConfigError
-from emf_dist.train.checkpoint import load_train_state, save_train_state
+from emf_dist.train.checkpoint import load_teacher, load_train_state, save_teacher, save_train_state
 from emf_dist.train.train_state import DataPosition, TrainState
 
 # What the loop's dict of string keys wrote into state_rank<R>.safetensors before TrainState.
@@ -41,3 +41,14 @@ def test_a_fresh_state_and_a_state_with_an_unknown_key():
                                       "bad_steps": 0, "attempts": 0}
     with pytest.raises(ConfigError, match="state.stepz"):
         TrainState.from_saved({**OLD_STATE, "stepz": 1})
+
+
+def test_a_later_rounds_teacher_round_trips_and_a_missing_or_foreign_one_is_refused(tmp_path):
+    teacher, other = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    save_teacher(str(tmp_path), teacher)
+    load_teacher(str(tmp_path), other)
+    assert torch.equal(other.weight, teacher.weight) and torch.equal(other.bias, teacher.bias)
+    with pytest.raises(ValueError, match="does not match the run's model; differing parameters: .*0.weight"):
+        load_teacher(str(tmp_path), torch.nn.Sequential(torch.nn.Linear(3, 2)))
+    with pytest.raises(FileNotFoundError, match="inside a later distillation round but holds no teacher"):
+        load_teacher(str(tmp_path / "empty"), other)
