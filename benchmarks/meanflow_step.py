@@ -3,8 +3,9 @@
     python -m benchmarks.meanflow_step            # the full table (docs/benchmarks.md)
     python -m benchmarks.meanflow_step --quick    # one size, one round, fewer repeats
 
-The MeanFlow steps run the JVP pass both ways, side by side: our DiT's hand-written
-primal-and-tangent pass (``objective.jvp: explicit``, emf_dist/model_jvp.py) and PyTorch's
+The MeanFlow steps run the JVP three ways, side by side: the fused step (``objective.jvp: fused``,
+what ``auto`` picks for our DiT: the hand-written tangent of emf_dist/model_jvp.py inside the
+gradient pass), the two-pass step with that pass on its own (``explicit``) and with PyTorch's
 forward-mode AD (``forward_ad``). The "demo" size is the demo's fine-tune: its model and per-worker
 micro-batch. Every configuration runs in its own processes (benchmarks/measure.py: one times it, one reads its peak
 memory) and the rounds are interleaved, so slow drift on a shared machine hits all alike; each figure
@@ -29,10 +30,10 @@ SIZES = {  # tiny, small: 32 x 32 RGB input, patch 2: 256 image tokens. demo: 16
     "small": dict(width=192, depth=6, heads=6, batch=16),
     "demo": dict(width=128, depth=4, heads=4, batch=32, input_size=16, patch_size=4, prediction="data"),
 }
-VARIANTS = [("flow matching", 0.0, "auto"), ("MeanFlow, 25% r!=t", 0.25, "explicit"),
-            ("MeanFlow, 75% r!=t", 0.75, "explicit"), ("MeanFlow, 100% r!=t", 1.0, "explicit"),
-            ("MeanFlow, 75% r!=t, forward AD", 0.75, "forward_ad"),
-            ("MeanFlow, 100% r!=t, forward AD", 1.0, "forward_ad")]
+VARIANTS = [("flow matching", 0.0, "auto"), ("MeanFlow, 25% r!=t", 0.25, "fused"),
+            ("MeanFlow, 75% r!=t", 0.75, "fused"), ("MeanFlow, 100% r!=t", 1.0, "fused"),
+            ("MeanFlow, 75% r!=t, two-pass", 0.75, "explicit"), ("MeanFlow, 100% r!=t, two-pass", 1.0, "explicit"),
+            ("MeanFlow, 75% r!=t, two-pass forward AD", 0.75, "forward_ad")]
 
 
 def build_step(spec: dict):

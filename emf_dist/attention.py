@@ -109,6 +109,16 @@ def attention_with_tangent(q, k, v, dq, dk, dv, key_mask=None, block_size: int |
     Any of dq, dk, dv may be None (a zero tangent: text keys and values have none).
     Returns (out, d_out), both [B, H, Nq, d].
     """
+    return _blockwise(q, k, v, None, dq, dk, dv, key_mask, block_size)
+
+
+def attention_tangent(q, k, v, out, dq, dk, dv, key_mask=None, block_size: int | None = None) -> torch.Tensor:
+    """The tangent alone, given the output ``out`` (from the gradient pass's fused attention): one
+    matmul unit fewer than ``attention_with_tangent``, which computes P v as well."""
+    return _blockwise(q, k, v, out, dq, dk, dv, key_mask, block_size)[1]
+
+
+def _blockwise(q, k, v, out, dq, dk, dv, key_mask, block_size):
     batch, heads, n_q, _ = q.shape
     n_k = k.shape[2]
     scale = 1.0 / math.sqrt(q.shape[-1])
@@ -125,30 +135,39 @@ def attention_with_tangent(q, k, v, dq, dk, dv, key_mask=None, block_size: int |
     dq = None if dq is None else dq * scale
     k_t = k.transpose(-2, -1)
     score_keys = None if dk is None else torch.cat([k_t, dk.transpose(-2, -1)], dim=-2)
-    values = v if dv is None else torch.cat([v, dv], dim=-1)
+    if out is None:
+        values = v if dv is None else torch.cat([v, dv], dim=-1)
+    else:  # P v is known: only P dv is left to compute
+        values = dv
     if block_size >= n_q:  # one block: no copies into the outputs
-        return _block(q, dq, k_t, score_keys, values, bias)
-    out = torch.empty_like(q)
+        return _block(q, dq, k_t, score_keys, v, values, bias, out)
+    known = out is not None
+    out = torch.empty_like(q) if out is None else out
     d_out = torch.empty_like(q)
     for start in range(0, n_q, block_size):
         rows = slice(start, min(start + block_size, n_q))
-        out[:, :, rows], d_out[:, :, rows] = _block(q[:, :, rows], None if dq is None else dq[:, :, rows],
-                                                    k_t, score_keys, values, bias)
+        block_out, d_out[:, :, rows] = _block(q[:, :, rows], None if dq is None else dq[:, :, rows], k_t, score_keys,
+                                              v, values, bias, out[:, :, rows] if known else None)
+        if not known:
+            out[:, :, rows] = block_out
     return out, d_out
 
 
-def _block(q, dq, k_t, score_keys, values, bias):
-    """One block of queries, q and dq already scaled. ``score_keys`` is [k | dk]^T (None: dk = 0);
-    ``values`` is [v | dv] (or v: dv = 0)."""
+def _block(q, dq, k_t, score_keys, v, values, bias, out=None):
+    """One block of queries, q and dq already scaled. ``score_keys`` is [k | dk]^T (None: dk = 0).
+    Without ``out``, ``values`` is [v | dv] (or v: dv = 0); given ``out`` = P v, it is dv (or None)."""
     d = q.shape[-1]
     scores = torch.matmul(q, k_t)
     if bias is not None:
         scores.add_(bias)
     probs = torch.softmax(scores, dim=-1)
     del scores
-    both = torch.matmul(probs, values)
-    out = both[..., :d]
-    d_out = torch.zeros_like(out) if both.shape[-1] == d else both[..., d:]
+    if out is None:
+        both = torch.matmul(probs, values)
+        out, d_out = both[..., :d], (None if both.shape[-1] == d else both[..., d:])
+    else:
+        d_out = None if values is None else torch.matmul(probs, values)
+    d_out = torch.zeros_like(out) if d_out is None else d_out
 
     d_scores = None
     if score_keys is not None:
@@ -159,7 +178,7 @@ def _block(q, dq, k_t, score_keys, values, bias):
         d_scores = torch.matmul(dq, k_t)
     if d_scores is not None:
         weighted = d_scores.mul_(probs)  # P * dS, in place: d_scores is not needed again
-        d_out = d_out + torch.matmul(weighted, values[..., :d]) - weighted.sum(-1, keepdim=True) * out
+        d_out = d_out + torch.matmul(weighted, v) - weighted.sum(-1, keepdim=True) * out
     return out, d_out
 
 

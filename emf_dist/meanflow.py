@@ -8,10 +8,14 @@ its regression target
 
 and the loss is the adaptive-weighted ||u - sg(u_tgt)||^2, weight 1 / (||err||^2 + c)^p.
 
-Because u_tgt is stop-gradient, the step runs in two passes (docs/findings.md §3):
-  1. du/dt by a JVP under no_grad (our DiT: a hand-written primal-and-tangent pass; any other
-     network: forward-mode AD), in float32 even under bf16 autocast, on the rows
-     with r != t only (rows with r = t have target v and need no derivative);
+Because u_tgt is stop-gradient, du/dt needs no gradients, only u does. Our DiT computes both in
+one pass by default (``jvp: fused``): the gradient pass's forward carries the hand-written tangent
+of the rows with r != t along, without gradients (rows with r = t have target v and need no
+derivative), so the JVP costs the tangent, not a second forward. Where that pass cannot run (the
+gradient pass below float32, ZeRO-3's partitioned weights, or JVP chunks) the step runs in two
+passes (docs/findings.md §3):
+  1. du/dt by a JVP under no_grad (our DiT: the same hand-written pass; any other network:
+     forward-mode AD), in float32 even under bf16 autocast, on the rows with r != t only;
   2. an ordinary forward with gradients (and activation checkpointing, if the model has it on).
 
 Velocity source. MeanFlow regresses on the conditional velocity v = e - x of one noise draw;
@@ -79,10 +83,12 @@ class MeanFlowConfig:
     guidance_k: float = 0.0  # k above
     velocity: Literal["data", "teacher"] = "data"  # v = e - x, or the fine-tuning parent's prediction at (z_t, t)
     tangent: Literal["velocity", "model"] = "velocity"  # du/dt along v, or along the network's own u(z_t, t, t)
-    # How du/dt is computed. "explicit": our DiT's hand-written primal-and-tangent pass
-    # (emf_dist/model_jvp.py); "forward_ad": PyTorch's forward-mode AD, for any network (the
-    # diffusers backbones); "auto": explicit for our DiT, forward_ad otherwise.
-    jvp: Literal["auto", "explicit", "forward_ad", "finite_difference"] = "auto"
+    # How du/dt is computed. "fused": our DiT's hand-written tangent inside the gradient pass (module
+    # docstring: needs that pass in float32 or wider, or jvp_float32 off, whole weights and no
+    # jvp_chunk); "explicit": the same pass on its own, before the gradient pass; "forward_ad":
+    # PyTorch's forward-mode AD, for any network (the diffusers backbones); "auto": fused for our DiT
+    # where it can run, else explicit; forward_ad for other networks.
+    jvp: Literal["auto", "fused", "explicit", "forward_ad", "finite_difference"] = "auto"
     # Step of the central finite difference. The time embedding's frequencies reach 1000 rad per
     # unit t, so the difference is exact only in float64 with a tiny step: an oracle, not a default.
     fd_eps: float = 1e-4
@@ -123,6 +129,8 @@ class MeanFlowConfig:
             problems.append(f"fd_eps must be > 0, got {self.fd_eps}")
         if self.jvp_chunk < 0:
             problems.append(f"jvp_chunk must be >= 0 (rows of the JVP pass at once; 0: all), got {self.jvp_chunk}")
+        if self.jvp == "fused" and self.jvp_chunk:
+            problems.append("jvp_chunk splits a JVP pass of its own; jvp: fused has none: use explicit (or auto)")
         return problems
 
 
@@ -131,13 +139,29 @@ def _row_slice(values: tuple, rows: slice) -> tuple:
 
 
 def jvp_method(net: nn.Module, cfg: MeanFlowConfig) -> str:
-    """The method ``cfg.jvp`` resolves to for ``net``."""
-    if cfg.jvp == "auto":
+    """The method of the two-pass step's JVP that ``cfg.jvp`` resolves to for ``net``."""
+    if cfg.jvp in ("auto", "fused"):
         return "explicit" if isinstance(net, VelocityNet) else "forward_ad"
     if cfg.jvp == "explicit" and not isinstance(net, VelocityNet):
         raise ValueError(f"objective.jvp: explicit is written for our DiT, not {type(net).__name__}; "
                          "use forward_ad (or auto)")
     return cfg.jvp
+
+
+def fused_step_blockers(net: nn.Module, z: torch.Tensor, cfg: MeanFlowConfig, partitioned: bool) -> list[str]:
+    """Why the fused step cannot run here (empty: it can). ``partitioned``: ZeRO-3's parameters."""
+    blockers = []
+    if not isinstance(net, VelocityNet):
+        blockers.append(f"its tangent rules are written for our DiT, not {type(net).__name__}")
+    if partitioned:
+        blockers.append("it reads whole weights, and ZeRO-3 partitions them")
+    if cfg.jvp_chunk:
+        blockers.append("jvp_chunk splits a JVP pass of its own")
+    below_float32 = torch.is_autocast_enabled(z.device.type) or z.dtype not in (torch.float32, torch.float64)
+    if cfg.jvp_float32 and below_float32:
+        blockers.append("the gradient pass runs below float32 (autocast or half inputs) and jvp_float32 asks for a "
+                        "float32 JVP")
+    return blockers
 
 
 def time_derivative(net: nn.Module, z, r, t, velocity, text: tuple, drop, cfg: MeanFlowConfig,
@@ -171,16 +195,24 @@ def time_derivative(net: nn.Module, z, r, t, velocity, text: tuple, drop, cfg: M
             return fwAD.unpack_dual(u).tangent
 
 
+def jvp_direction(net: nn.Module, z, t, v, text: tuple, drop, cfg: MeanFlowConfig) -> torch.Tensor:
+    """The tangent of z that du/dt runs along: v, or (``tangent: model``) the network's own velocity."""
+    if cfg.tangent == "velocity":
+        return v
+    with torch.no_grad():
+        return net(z, t, t, *text, drop).to(v.dtype)
+
+
+def meanflow_target(v, r, t, du_dt) -> torch.Tensor:
+    """MeanFlow's sg target v - (t - r) du/dt."""
+    return v - (t - r).view(-1, 1, 1, 1).to(v.dtype) * du_dt.to(v.dtype)
+
+
 def jvp_target(net: nn.Module, z, r, t, v, text: tuple, drop, cfg: MeanFlowConfig,
                parameters_of: ParameterScope | None = None) -> torch.Tensor:
-    """MeanFlow's sg target v - (t - r) du/dt, du/dt along ``cfg.tangent`` (v, or the network's own velocity)."""
-    if cfg.tangent == "model":
-        with torch.no_grad():
-            tangent = net(z, t, t, *text, drop).to(v.dtype)
-    else:
-        tangent = v
-    du_dt = time_derivative(net, z, r, t, tangent, text, drop, cfg, parameters_of)
-    return v - (t - r).view(-1, 1, 1, 1).to(v.dtype) * du_dt.to(v.dtype)
+    """The target by a JVP pass of its own (the two-pass step)."""
+    tangent = jvp_direction(net, z, t, v, text, drop, cfg)
+    return meanflow_target(v, r, t, time_derivative(net, z, r, t, tangent, text, drop, cfg, parameters_of))
 
 
 def split_rows(r: torch.Tensor, t: torch.Tensor, share: float) -> torch.Tensor:
@@ -235,6 +267,27 @@ class MeanFlowLoss:
                              if teacher is None else "takes no teacher model"))
         self.cfg, self.teacher, self.parameters_of = cfg, teacher, parameters_of
 
+    def _fuses(self, net: nn.Module, z: torch.Tensor) -> bool:
+        if self.cfg.jvp not in ("auto", "fused"):
+            return False
+        blockers = fused_step_blockers(net, z, self.cfg, partitioned=self.parameters_of is not None)
+        if blockers and self.cfg.jvp == "fused":
+            raise ValueError("objective.jvp: fused cannot run here: " + "; ".join(blockers)
+                             + ". Use auto (two passes where fusing cannot run) or explicit")
+        return not blockers
+
+    def _fused_pass(self, model, net, z, r, t, v, text: tuple, drop, jvp_mask):
+        """u of every row, with gradients, and the JVP rows' target, in one pass. The pass's tangent
+        covers its first rows, so the JVP rows go first and u comes back in the batch's order."""
+        jvp_rows = jvp_mask.nonzero().squeeze(1)
+        order = torch.cat([jvp_rows, (~jvp_mask).nonzero().squeeze(1)])
+        ordered = lambda a: a.index_select(0, order)  # noqa: E731
+        rows = lambda a: a.index_select(0, jvp_rows)  # noqa: E731
+        direction = jvp_direction(net, rows(z), rows(t), rows(v), tuple(map(rows, text)), rows(drop), self.cfg)
+        u, du_dt = model(ordered(z), ordered(r), ordered(t), *map(ordered, text), ordered(drop),
+                         tangent=(direction, torch.ones_like(rows(t))))
+        return u.index_select(0, order.argsort()), meanflow_target(rows(v), rows(r), rows(t), du_dt)
+
     def __call__(self, model, x, text_tokens, text_mask, text_pooled, progress: float = 0.0, *,
                  net: nn.Module | None = None, generator: torch.Generator | None = None):
         cfg, net = self.cfg, net if net is not None else model
@@ -257,25 +310,30 @@ class MeanFlowLoss:
             v = guided_velocity(net, z, t, noise - x, text, drop, cfg)
 
         target = v
-        jvp_mask = r != t
-        jvp_mask[split] = False
-        jvp_rows = jvp_mask.nonzero().squeeze(1)
-        jvp_start = time.perf_counter()
-        if len(jvp_rows):
-            rows = lambda a: a.index_select(0, jvp_rows)  # noqa: E731
-            row_target = jvp_target(net, rows(z), rows(r), rows(t), rows(v), tuple(map(rows, text)), rows(drop), cfg,
-                                    self.parameters_of)
-            target = target.index_copy(0, jvp_rows, row_target)
-        jvp_seconds = time.perf_counter() - jvp_start  # host time: on CUDA only meaningful after a sync
         if len(split):
             rows = lambda a: a.index_select(0, split)  # noqa: E731
             split_u = split_target(net, rows(z), rows(r), rows(t), rows(split_point), tuple(map(rows, text)), rows(drop))
             target = target.index_copy(0, split, split_u.to(target.dtype))
-
-        u = model(z, r, t, *text, drop)
+        jvp_mask = r != t
+        jvp_mask[split] = False
+        jvp_rows = jvp_mask.nonzero().squeeze(1)
+        jvp_start = time.perf_counter()
+        fused = bool(len(jvp_rows)) and self._fuses(net, z)
+        if fused:
+            u, row_target = self._fused_pass(model, net, z, r, t, v, text, drop, jvp_mask)
+            target = target.index_copy(0, jvp_rows, row_target)
+            jvp_seconds = time.perf_counter() - jvp_start  # the whole forward, the tangent on the way
+        else:
+            if len(jvp_rows):
+                rows = lambda a: a.index_select(0, jvp_rows)  # noqa: E731
+                row_target = jvp_target(net, rows(z), rows(r), rows(t), rows(v), tuple(map(rows, text)), rows(drop),
+                                        cfg, self.parameters_of)
+                target = target.index_copy(0, jvp_rows, row_target)
+            jvp_seconds = time.perf_counter() - jvp_start  # host time: on CUDA only meaningful after a sync
+            u = model(z, r, t, *text, drop)
         precision = torch.promote_types(u.dtype, torch.float32)  # reduce bf16 outputs in float32
         err = (u.to(precision) - target.detach().to(precision)).pow(2).flatten(1).mean(1)
         weight = (err.detach() + cfg.adaptive_c).pow(-cfg.adaptive_p)
         loss = (weight * err).mean()
         return loss, {"mse": err.mean().detach(), "jvp_rows": len(jvp_rows), "jvp_seconds": jvp_seconds,
-                      "split_rows": len(split)}
+                      "split_rows": len(split), "fused": fused}

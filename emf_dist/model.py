@@ -24,6 +24,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from emf_dist.attention import attention
+from emf_dist.model_jvp import velocity_and_tangent
 
 
 @dataclass
@@ -229,9 +230,14 @@ class VelocityNet(nn.Module):
         c = c + self.pooled_proj(pooled)
         return c, c
 
-    def forward(self, z, r, t, text_tokens, text_mask, text_pooled, drop_text=None):
+    def forward(self, z, r, t, text_tokens, text_mask, text_pooled, drop_text=None, tangent=None):
         """z: [B, C, H, W]; r, t: [B]; text_tokens: [B, L, text_dim]; text_mask: [B, L] bool;
-        text_pooled: [B, text_dim]; drop_text: [B] bool, rows that get the null condition (CFG)."""
+        text_pooled: [B, text_dim]; drop_text: [B] bool, rows that get the null condition (CFG).
+
+        ``tangent`` = (dz, dt) of the first rows returns (u, du) instead, du the derivative of those
+        rows' u along (dz, 0, dt) without gradients: MeanFlow's fused step (emf_dist/model_jvp.py)."""
+        if tangent is not None:
+            return velocity_and_tangent(self, z, r, t, text_tokens, text_mask, text_pooled, drop_text, *tangent)
         # Text is stored in float16; compute it in the input's precision (float32 in the JVP pass).
         text_tokens, text_pooled = text_tokens.to(z.dtype), text_pooled.to(z.dtype)
         if drop_text is not None:

@@ -23,24 +23,35 @@ The rules, module by module (a tangent is written d.):
     Triton kernel on CUDA). Text keys and values carry no tangent.
   * Data prediction u = (z - x) / max(t, m):  du = (dz - dx) / max(t, m) - u dt [t >= m] / max(t, m).
 
-Runs under no_grad in whatever dtype its inputs have (the caller picks float32). Under ZeRO-3 the
-parameters a piece of the pass reads are only present inside ``parameters_of(those parameters)``,
-a context the trainer supplies (it gathers them); the default is the plain module. A module whose
-weights the pass reads itself is never also called (ZeRO-3 partitions them again after a forward).
+Two uses. Under no_grad it is the JVP pass of the two-pass step, in whatever dtype its inputs have
+(the caller picks float32). With gradients on it is the fused step: the primal is the gradient
+pass (its autograd graph, activation checkpointing included) and the tangent rides along it without
+gradients, so the step's JVP costs the tangent alone, not a second primal. The tangents (dz, dt) may
+then cover only the first rows of the batch (the rows with r != t), and every tangent rule reads
+those rows of the primal.
+
+Under ZeRO-3 (two-pass only) the parameters a piece of the pass reads are only present inside
+``parameters_of(those parameters)``, a context the trainer supplies (it gathers them); the default
+is the plain module. A module whose weights the pass reads itself is never also called (ZeRO-3
+partitions them again after a forward).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
-from typing import Callable, ContextManager
+from typing import TYPE_CHECKING, Callable, ContextManager
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
-from emf_dist.attention import attention_and_tangent
-from emf_dist.model import Attention, Block, FinalLayer, TimestepEmbedder, VelocityNet
+from emf_dist.attention import attention, attention_and_tangent, attention_tangent
+
+if TYPE_CHECKING:  # emf_dist.model calls this pass from its forward
+    from emf_dist.model import Attention, Block, FinalLayer, TimestepEmbedder, VelocityNet
 
 Pair = tuple[torch.Tensor, torch.Tensor]
 # Given the parameters a piece of the pass is about to read, a context inside which they are present.
@@ -51,13 +62,16 @@ def _plain(parameters: list[nn.Parameter]) -> ContextManager:
     return contextlib.nullcontext()
 
 
-@torch.no_grad()
 def velocity_and_tangent(net: VelocityNet, z, r, t, text_tokens, text_mask, text_pooled, drop_text, dz, dt,
                          parameters_of: ParameterScope | None = None) -> Pair:
-    """(u, du) of ``net`` at (z, r, t) along (dz, 0, dt); same arguments as VelocityNet.forward."""
+    """(u, du) of ``net`` at (z, r, t) along (dz, 0, dt); same arguments as VelocityNet.forward.
+    dz and dt may cover the first rows only; du is then theirs. u carries gradients if they are on."""
+    if torch.is_grad_enabled() and parameters_of is not None:
+        raise ValueError("the fused pass reads whole weights: with partitioned parameters run it under no_grad")
     cfg, parameters_of = net.cfg, parameters_of or _plain
     top = [*net.parameters(recurse=False), *net.patch_embed.parameters(), *net.text_proj.parameters(),
            *net.pooled_proj.parameters()]
+    run_block = _checkpointed_block if cfg.checkpointing and torch.is_grad_enabled() else _block
     with parameters_of(top):  # the null condition, patch embedding, text projections
         text_tokens, text_pooled = text_tokens.to(z.dtype), text_pooled.to(z.dtype)
         if drop_text is not None:
@@ -69,17 +83,39 @@ def velocity_and_tangent(net: VelocityNet, z, r, t, text_tokens, text_mask, text
         for index, block in enumerate(net.blocks):
             c, dc = decoder if index >= net.first_decoder_block else encoder
             with parameters_of(list(block.parameters())):
-                x, dx = _block(block, x, dx, c, dc, text, text_mask)
+                x, dx = run_block(block, x, dx, c, dc, text, text_mask)
         with parameters_of(list(net.final.parameters())):
             out, d_out = _final(net.final, x, dx, *decoder)
         out, d_out = net.unpatchify(out), net.unpatchify(d_out)
     if cfg.prediction == "data":
-        floor = cfg.data_min_t
-        t_c = t.clamp(min=floor).view(-1, 1, 1, 1).to(z.dtype)
-        dt_c = (dt * (t >= floor)).view(-1, 1, 1, 1).to(z.dtype)
+        t_c = t.clamp(min=cfg.data_min_t).view(-1, 1, 1, 1).to(z.dtype)
         u = (z - out) / t_c
-        return u, (dz - d_out) / t_c - u * dt_c / t_c
+        return u, _d_data_prediction(d_out, dz, dt, u, t, t_c, cfg.data_min_t)
     return out, d_out
+
+
+def _tangent_rule(rule):
+    """A tangent rule: no gradients (the tangent is a stop-gradient target), and no tangent in, none
+    out (the primal-only recomputation of a checkpointed block). Its primal arguments may hold more
+    rows than the tangent: the rule reads the tangent's rows of them (``_rows``)."""
+    @functools.wraps(rule)
+    def apply(tangent, *args):
+        if tangent is None:
+            return None
+        with torch.no_grad():
+            return rule(tangent, *args)
+    return apply
+
+
+def _rows(primal: torch.Tensor, tangent: torch.Tensor) -> torch.Tensor:
+    return primal[:tangent.shape[0]]
+
+
+@_tangent_rule
+def _d_data_prediction(d_out, dz, dt, u, t, t_c, floor):
+    t_c = _rows(t_c, dz)
+    dt_c = (dt * (_rows(t, dt) >= floor)).view(-1, 1, 1, 1).to(dz.dtype)
+    return (dz - d_out) / t_c - _rows(u, dz) * dt_c / t_c
 
 
 def _condition(net: VelocityNet, r, t, dt, pooled, parameters_of: ParameterScope) -> tuple[Pair, Pair]:
@@ -87,9 +123,9 @@ def _condition(net: VelocityNet, r, t, dt, pooled, parameters_of: ParameterScope
     if net.cfg.time_embedding == "decoupled":
         with parameters_of(list(net.t_embedder.parameters())):
             c, dc = _timestep(net.t_embedder, t, dt)
-            c_r, _ = _timestep(net.t_embedder, r, torch.zeros_like(r))
+            c_r, _ = _timestep(net.t_embedder, r, None)
         pooled = net.pooled_proj(pooled)
-        return (c + pooled, dc), (c_r + pooled, torch.zeros_like(c_r))
+        return (c + pooled, dc), (c_r + pooled, torch.zeros_like(dc))
     if net.cfg.time_embedding == "dual":
         with parameters_of(list(net.t_end_embedder.parameters())):
             c, dc = _timestep(net.t_end_embedder, t, dt)
@@ -109,19 +145,23 @@ def _timestep(embedder: TimestepEmbedder, s, ds) -> Pair:
     freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=s.device, dtype=dtype) / half)
     rate = embedder.scale * freqs[None]
     angles = s.to(dtype)[:, None] * rate
-    d_angles = ds.to(dtype)[:, None] * rate
     cos, sin = torch.cos(angles), torch.sin(angles)
-    features = torch.cat([cos, sin], dim=-1)
-    d_features = torch.cat([-sin * d_angles, cos * d_angles], dim=-1)
     weight_dtype = embedder.mlp[0].weight.dtype
-    h, dh = _linear(embedder.mlp[0], features.to(weight_dtype), d_features.to(weight_dtype))
+    features = torch.cat([cos, sin], dim=-1).to(weight_dtype)
+    h, dh = _linear(embedder.mlp[0], features, _d_features(ds, cos, sin, rate, weight_dtype))
     return _linear(embedder.mlp[2], *_silu(h, dh))
+
+
+@_tangent_rule
+def _d_features(ds, cos, sin, rate, dtype):
+    d_angles = ds.to(rate.dtype)[:, None] * rate
+    return torch.cat([-_rows(sin, ds) * d_angles, _rows(cos, ds) * d_angles], dim=-1).to(dtype)
 
 
 def _block(block: Block, x, dx, c, dc, text, text_mask) -> Pair:
     mod, d_mod = _linear(block.adaLN[1], *_silu(c, dc))
     shift1, scale1, gate1, shift2, scale2, gate2 = (m[:, None] for m in mod.chunk(6, dim=-1))
-    d_shift1, d_scale1, d_gate1, d_shift2, d_scale2, d_gate2 = (m[:, None] for m in d_mod.chunk(6, dim=-1))
+    d_shift1, d_scale1, d_gate1, d_shift2, d_scale2, d_gate2 = _chunks(d_mod, 6)
 
     h, dh = _modulate(*_layer_norm(block.norm1, x, dx), shift1, d_shift1, scale1, d_scale1)
     a, da = _self_attention(block.self_attn, h, dh)
@@ -129,7 +169,7 @@ def _block(block: Block, x, dx, c, dc, text, text_mask) -> Pair:
 
     h, dh = _layer_norm(block.norm2, x, dx)
     a, da = _cross_attention(block.cross_attn, h, dh, text, text_mask)
-    x, dx = x + a, dx + da
+    x, dx = x + a, _d_sum(dx, da)
 
     h, dh = _modulate(*_layer_norm(block.norm3, x, dx), shift2, d_shift2, scale2, d_scale2)
     h, dh = _gelu_tanh(*_linear(block.mlp[0], h, dh))
@@ -137,71 +177,156 @@ def _block(block: Block, x, dx, c, dc, text, text_mask) -> Pair:
     return _gated_residual(x, dx, gate2, d_gate2, a, da)
 
 
+def _checkpointed_block(block: Block, x, dx, c, dc, text, text_mask) -> Pair:
+    """``_block`` under activation checkpointing. The backward pass recomputes the primal only: the
+    tangent, made without gradients, is not needed again, and the recomputation saves the same
+    tensors either way (the tangent rules save none)."""
+    tangents = [(dx, dc)]  # taken by the first run; the recomputation finds none
+
+    def run(x, c, text):
+        dx, dc = tangents.pop() if tangents else (None, None)
+        return _block(block, x, dx, c, dc, text, text_mask)
+
+    return checkpoint(run, x, c, text, use_reentrant=False)
+
+
+def _chunks(tangent, count: int) -> tuple:
+    if tangent is None:
+        return (None,) * count
+    return tuple(m[:, None] for m in tangent.chunk(count, dim=-1))
+
+
+@_tangent_rule
+def _d_sum(dx, da):
+    return dx + da
+
+
 def _final(final: FinalLayer, x, dx, c, dc) -> Pair:
     mod, d_mod = _linear(final.adaLN[1], *_silu(c, dc))
-    (shift, scale), (d_shift, d_scale) = ((m[:, None] for m in pair.chunk(2, dim=-1)) for pair in (mod, d_mod))
+    shift, scale = (m[:, None] for m in mod.chunk(2, dim=-1))
+    d_shift, d_scale = _chunks(d_mod, 2)
     h, dh = _modulate(*_layer_norm(final.norm, x, dx), shift, d_shift, scale, d_scale)
     return _linear(final.linear, h, dh)
 
 
 def _self_attention(attn: Attention, x, dx) -> Pair:
-    batch, n, width = x.shape
     q, dq = _linear(attn.q, x, dx)
     kv, d_kv = _linear(attn.kv, x, dx)
-    heads = lambda a: a.view(batch, n, attn.heads, -1).transpose(1, 2)  # noqa: E731
-    k, v = kv.view(batch, n, 2, attn.heads, -1).permute(2, 0, 3, 1, 4)
-    dk, dv = d_kv.view(batch, n, 2, attn.heads, -1).permute(2, 0, 3, 1, 4)
-    y, dy = attention_and_tangent(heads(q), k, v, heads(dq), dk, dv)
-    merge = lambda a: a.transpose(1, 2).reshape(batch, n, width)  # noqa: E731
-    return _linear(attn.out, merge(y), merge(dy))
+    k, v = _keys_and_values(attn, kv)
+    dk, dv = (None, None) if d_kv is None else _keys_and_values(attn, d_kv)
+    y, dy = _attention(_heads(attn, q), k, v, None if dq is None else _heads(attn, dq), dk, dv, None)
+    return _linear(attn.out, _merge(y), None if dy is None else _merge(dy))
 
 
 def _cross_attention(attn: Attention, x, dx, text, text_mask) -> Pair:
-    batch, n, width = x.shape
     q, dq = _linear(attn.q, x, dx)
-    heads = lambda a: a.view(batch, n, attn.heads, -1).transpose(1, 2)  # noqa: E731
-    k, v = attn.kv(text).view(batch, text.shape[1], 2, attn.heads, -1).permute(2, 0, 3, 1, 4)
-    y, dy = attention_and_tangent(heads(q), k, v, heads(dq), None, None, text_mask)
-    merge = lambda a: a.transpose(1, 2).reshape(batch, n, width)  # noqa: E731
-    return _linear(attn.out, merge(y), merge(dy))
+    k, v = _keys_and_values(attn, attn.kv(text))
+    y, dy = _attention(_heads(attn, q), k, v, None if dq is None else _heads(attn, dq), None, None, text_mask)
+    return _linear(attn.out, _merge(y), None if dy is None else _merge(dy))
+
+
+def _heads(attn: Attention, a):
+    return a.view(a.shape[0], a.shape[1], attn.heads, -1).transpose(1, 2)
+
+
+def _keys_and_values(attn: Attention, kv):
+    return kv.view(kv.shape[0], kv.shape[1], 2, attn.heads, -1).permute(2, 0, 3, 1, 4)
+
+
+def _merge(a):
+    return a.transpose(1, 2).reshape(a.shape[0], a.shape[2], -1)
+
+
+def _attention(q, k, v, dq, dk, dv, key_mask) -> Pair:
+    """Attention and its tangent. The JVP pass computes both in one blockwise sweep; the fused step
+    takes the output from the fused kernel of the gradient pass (its backward holds no scores) and
+    sweeps for the tangent alone."""
+    if dq is None:
+        return attention(q, k, v, key_mask), None
+    if not torch.is_grad_enabled() and dq.shape[0] == q.shape[0]:
+        return attention_and_tangent(q, k, v, dq, dk, dv, key_mask)
+    out = attention(q, k, v, key_mask)
+    return out, _d_attention(dq, q, k, v, out, dk, dv, key_mask)
+
+
+@_tangent_rule
+def _d_attention(dq, q, k, v, out, dk, dv, key_mask):
+    mask = None if key_mask is None else _rows(key_mask, dq)
+    return attention_tangent(_rows(q, dq), _rows(k, dq), _rows(v, dq), _rows(out, dq), dq, dk, dv, mask)
 
 
 def _linear(layer: nn.Linear, x, dx) -> Pair:
     # Two GEMMs, not one over the stacked rows: on CPU the stacked GEMM is no faster and the
     # stacking copy costs time and a second copy of the input (docs/benchmarks.md).
-    return F.linear(x, layer.weight, layer.bias), F.linear(dx, layer.weight)
+    return F.linear(x, layer.weight, layer.bias), _d_linear(dx, layer.weight)
+
+
+@_tangent_rule
+def _d_linear(dx, weight):
+    return F.linear(dx, weight)
 
 
 def _patch_embed(conv: nn.Conv2d, z, dz) -> Pair:
     # Not conv(z): under ZeRO-3 a module's forward hook partitions its weights again on return.
-    y, dy = F.conv2d(z, conv.weight, conv.bias, stride=conv.stride), F.conv2d(dz, conv.weight, stride=conv.stride)
-    return y.flatten(2).transpose(1, 2), dy.flatten(2).transpose(1, 2)
+    y = F.conv2d(z, conv.weight, conv.bias, stride=conv.stride)
+    return y.flatten(2).transpose(1, 2), _d_patch_embed(dz, conv)
+
+
+@_tangent_rule
+def _d_patch_embed(dz, conv):
+    return F.conv2d(dz, conv.weight, stride=conv.stride).flatten(2).transpose(1, 2)
 
 
 def _silu(x, dx) -> Pair:
+    return F.silu(x), _d_silu(dx, x)
+
+
+@_tangent_rule
+def _d_silu(dx, x):
     # An elementwise map's Jacobian is diagonal, so its backward kernel applied to dx is the tangent.
-    return F.silu(x), torch.ops.aten.silu_backward(dx, x)
+    return torch.ops.aten.silu_backward(dx, _rows(x, dx))
 
 
 def _gelu_tanh(x, dx) -> Pair:
-    return F.gelu(x, approximate="tanh"), torch.ops.aten.gelu_backward(dx, x, approximate="tanh")
+    return F.gelu(x, approximate="tanh"), _d_gelu_tanh(dx, x)
+
+
+@_tangent_rule
+def _d_gelu_tanh(dx, x):
+    return torch.ops.aten.gelu_backward(dx, _rows(x, dx), approximate="tanh")
 
 
 def _layer_norm(norm: nn.LayerNorm, x, dx) -> Pair:
+    y, mean, inv_std = torch.native_layer_norm(x, norm.normalized_shape, None, None, norm.eps)
+    dy = _d_layer_norm(dx, x, norm, mean, inv_std)
+    if norm.weight is not None:
+        y = torch.addcmul(norm.bias, y, norm.weight)
+    return y, dy
+
+
+@_tangent_rule
+def _d_layer_norm(dx, x, norm, mean, inv_std):
     # Normalisation's Jacobian (I - 11^T/n - y y^T/n) / std is symmetric, so the fused backward kernel
     # (without the affine scale, applied after) gives the tangent from the primal's saved statistics.
-    y, mean, inv_std = torch.native_layer_norm(x, norm.normalized_shape, None, None, norm.eps)
-    dy = torch.ops.aten.native_layer_norm_backward(dx, x, norm.normalized_shape, mean, inv_std, None, None,
-                                                   [True, False, False])[0]
-    if norm.weight is not None:
-        y, dy = torch.addcmul(norm.bias, y, norm.weight), dy * norm.weight
-    return y, dy
+    dy = torch.ops.aten.native_layer_norm_backward(dx, _rows(x, dx), norm.normalized_shape, _rows(mean, dx),
+                                                   _rows(inv_std, dx), None, None, [True, False, False])[0]
+    return dy if norm.weight is None else dy * norm.weight
 
 
 def _modulate(x, dx, shift, d_shift, scale, d_scale) -> Pair:
     one_plus = 1 + scale
-    return torch.addcmul(shift, x, one_plus), torch.addcmul(torch.addcmul(d_shift, x, d_scale), dx, one_plus)
+    return torch.addcmul(shift, x, one_plus), _d_modulate(dx, x, one_plus, d_shift, d_scale)
+
+
+@_tangent_rule
+def _d_modulate(dx, x, one_plus, d_shift, d_scale):
+    return torch.addcmul(torch.addcmul(d_shift, _rows(x, dx), d_scale), dx, _rows(one_plus, dx))
 
 
 def _gated_residual(x, dx, gate, d_gate, a, da) -> Pair:
-    return torch.addcmul(x, gate, a), torch.addcmul(torch.addcmul(dx, d_gate, a), gate, da)
+    return torch.addcmul(x, gate, a), _d_gated_residual(dx, d_gate, a, gate, da)
+
+
+@_tangent_rule
+def _d_gated_residual(dx, d_gate, a, gate, da):
+    return torch.addcmul(torch.addcmul(dx, d_gate, _rows(a, dx)), _rows(gate, dx), da)

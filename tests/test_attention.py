@@ -5,7 +5,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 
-from emf_dist.attention import attention, attention_with_tangent, math_attention
+from emf_dist.attention import attention, attention_tangent, attention_with_tangent, math_attention
 
 
 def _inputs(batch, heads, n_q, n_k, head_dim, seed=0):
@@ -35,6 +35,21 @@ def test_blockwise_tangent_equals_forward_ad_of_math_attention(head_dim, masked,
     out, d_out = attention_with_tangent(q, k, v, dq, dk, dv, mask, block_size=block_size)
     ref_out, ref_tangent = _reference(q, k, v, dq, dk, dv, mask)
     torch.testing.assert_close(out, ref_out, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(d_out, ref_tangent, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("block_size", [1, 5, None])
+@pytest.mark.parametrize("key_tangents", [True, False])
+def test_tangent_given_the_output_equals_forward_ad(masked, block_size, key_tangents):
+    """The fused step's sweep: the output comes from the gradient pass, the tangent alone from here."""
+    q, k, v, dq, dk, dv = _inputs(2, 3, 13, 11, 16)
+    mask = _mask(2, 11) if masked else None
+    if not key_tangents:
+        dk, dv = None, None
+    ref_out, ref_tangent = _reference(q, k, v, dq, torch.zeros_like(k) if dk is None else dk,
+                                      torch.zeros_like(v) if dv is None else dv, mask)
+    d_out = attention_tangent(q, k, v, ref_out.clone(), dq, dk, dv, mask, block_size=block_size)
     torch.testing.assert_close(d_out, ref_tangent, rtol=1e-10, atol=1e-10)
 
 

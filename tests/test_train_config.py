@@ -59,6 +59,10 @@ def test_impossible_batch_arithmetic_and_fault_options_are_refused():
         config(objective={"velocity": "teacher"})
     with pytest.raises(ConfigError, match="only used with data.loader_workers: 0"):
         config(data={"url": "x", "cache_mib": 256, "loader_workers": 2})
+    with pytest.raises(ConfigError, match="jvp: fused reads whole weights .* ZeRO-3 partitions them"):
+        config(zero={"stage": 3}, objective={"jvp": "fused"})
+    with pytest.raises(ConfigError, match="jvp: fused has none"):
+        config(objective={"jvp": "fused", "jvp_chunk": 4})
 
 
 def test_encoder_fingerprint_mismatch_names_both_sides(tmp_path):

@@ -204,6 +204,9 @@ class TrainConfig:
                             f"{self.micro_batch}, {self.grad_accum}")
         if self.zero.stage not in (0, 1, 2, 3):
             problems.append(f"zero.stage must be 0, 1, 2 or 3, got {self.zero.stage}")
+        if self.zero.stage == 3 and self.objective.jvp == "fused":
+            problems.append("objective.jvp: fused reads whole weights inside the gradient pass, and ZeRO-3 partitions "
+                            "them: use auto (the two-pass step under ZeRO-3) or explicit")
         if self.scaling.num_workers < 1:
             problems.append("scaling.num_workers must be >= 1")
         if self.starts_from_export and not self.init_from:
