@@ -3,14 +3,17 @@ the distributed trainer around it.
 
     python -m benchmarks.demo_step_vs_batch [--batches 32 64 128] [--steps 15] [--threads 1]
 
-The `emf` spec's model (16 px, patch 4, width 128, 4 blocks, MiniLM-sized text), AdamW, random
-inputs of the shards' shapes; flow matching, and the MeanFlow fine-tune with EMF's freezing and
-a teacher (`objective.velocity: teacher`). One thread by default, as in a 1-CPU Ray Train worker.
-Compare with the steps/s the demo's progress lines report (docs/benchmarks.md, "The main job").
+The `emf` spec's model (16 px, patch 4, width 128, 4 blocks, data prediction, MiniLM-sized text),
+AdamW, random inputs of the shards' shapes; flow matching, and the spec's MeanFlow fine-tune (EMF's
+freezing, `objective.velocity: teacher`, `split_share: 0.5`, 70% r != t, the middle of its schedule)
+as the fused step (`objective.jvp: auto`) and as the two-pass step (`explicit`), side by side. One
+thread by default, as in a 1-CPU Ray Train worker. Compare with the steps/s the demo's progress
+lines report (docs/benchmarks.md, "The main job").
 """
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 
 import torch
 
@@ -21,7 +24,7 @@ from emf_dist.model import ModelConfig, VelocityNet
 from emf_dist.time_sampling import TimeSamplerConfig
 
 MODEL = ModelConfig(input_size=16, patch_size=4, width=128, depth=4, heads=4, text_dim=384, time_embedding="single",
-                    checkpointing=False)
+                    prediction="data", checkpointing=False)
 TEXT_TOKENS = 16
 
 
@@ -43,12 +46,14 @@ def main() -> None:
     student = meanflow_from_flow_matching(MODEL, parent.state_dict())
     freeze_for_emf_finetune(student)
     flow_matching = MeanFlowLoss(MeanFlowConfig(mode="flow_matching", adaptive_p=0.0))
-    meanflow = MeanFlowLoss(MeanFlowConfig(adaptive_p=0.5, velocity="teacher", time=TimeSamplerConfig(r_neq_t=0.7)),
-                            teacher=VelocityNet(MODEL).eval().requires_grad_(False))
+    teacher = VelocityNet(MODEL).eval().requires_grad_(False)
+    finetune = MeanFlowConfig(adaptive_p=0.5, velocity="teacher", split_share=0.5, time=TimeSamplerConfig(r_neq_t=0.7))
+    fused, two_pass = (MeanFlowLoss(replace(finetune, jvp=jvp), teacher=teacher) for jvp in ("auto", "explicit"))
     print(f"bare step, {args.threads} thread(s), median of {args.steps} steps:")
     for batch in args.batches:
         print(f"  batch {batch:4d}: flow matching {step_ms(parent, flow_matching, batch, args.steps):7.1f} ms   "
-              f"MeanFlow + teacher {step_ms(student, meanflow, batch, args.steps):7.1f} ms", flush=True)
+              f"MeanFlow fine-tune, fused {step_ms(student, fused, batch, args.steps):7.1f} ms   "
+              f"two-pass {step_ms(student, two_pass, batch, args.steps):7.1f} ms", flush=True)
 
 
 if __name__ == "__main__":

@@ -46,8 +46,8 @@ def test_chunked_jvp_equals_the_jvp_over_all_rows(tmp_path, model):
 def test_chunked_jvp_leaves_the_loss_and_its_gradients_unchanged():
     net, x, _, _, text = dit_case()
     losses, grads = [], []
-    for chunk in (0, 2):
-        cfg = MeanFlowConfig(time=TimeSamplerConfig(r_neq_t=1.0), jvp_float32=False, jvp_chunk=chunk)
+    for chunk in (0, 2):  # both the two-pass step: chunks split its JVP pass (the fused step has none)
+        cfg = MeanFlowConfig(time=TimeSamplerConfig(r_neq_t=1.0), jvp_float32=False, jvp_chunk=chunk, jvp="explicit")
         loss, stats = MeanFlowLoss(cfg)(net, x, *text, generator=torch.Generator().manual_seed(4))
         net.zero_grad()
         loss.backward()
