@@ -279,14 +279,13 @@ class MeanFlowLoss:
     def _fused_pass(self, model, net, z, r, t, v, text: tuple, drop, jvp_mask):
         """u of every row, with gradients, and the JVP rows' target, in one pass. The pass's tangent
         covers its first rows, so the JVP rows go first and u comes back in the batch's order."""
-        jvp_rows = jvp_mask.nonzero().squeeze(1)
-        order = torch.cat([jvp_rows, (~jvp_mask).nonzero().squeeze(1)])
-        ordered = lambda a: a.index_select(0, order)  # noqa: E731
-        rows = lambda a: a.index_select(0, jvp_rows)  # noqa: E731
-        direction = jvp_direction(net, rows(z), rows(t), rows(v), tuple(map(rows, text)), rows(drop), self.cfg)
-        u, du_dt = model(ordered(z), ordered(r), ordered(t), *map(ordered, text), ordered(drop),
-                         tangent=(direction, torch.ones_like(rows(t))))
-        return u.index_select(0, order.argsort()), meanflow_target(rows(v), rows(r), rows(t), du_dt)
+        order = torch.cat([jvp_mask.nonzero().squeeze(1), (~jvp_mask).nonzero().squeeze(1)])
+        z, r, t, v, drop, *text = (a.index_select(0, order) for a in (z, r, t, v, drop, *text))
+        n = int(jvp_mask.sum())
+        first = lambda a: a[:n]  # noqa: E731
+        direction = jvp_direction(net, first(z), first(t), first(v), tuple(map(first, text)), first(drop), self.cfg)
+        u, du_dt = model(z, r, t, *text, drop, tangent=(direction, torch.ones_like(first(t))))
+        return u.index_select(0, order.argsort()), meanflow_target(first(v), first(r), first(t), du_dt)
 
     def __call__(self, model, x, text_tokens, text_mask, text_pooled, progress: float = 0.0, *,
                  net: nn.Module | None = None, generator: torch.Generator | None = None):

@@ -214,18 +214,20 @@ def _self_attention(attn: Attention, x, dx) -> Pair:
     kv, d_kv = _linear(attn.kv, x, dx)
     k, v = _keys_and_values(attn, kv)
     dk, dv = (None, None) if d_kv is None else _keys_and_values(attn, d_kv)
-    y, dy = _attention(_heads(attn, q), k, v, None if dq is None else _heads(attn, dq), dk, dv, None)
-    return _linear(attn.out, _merge(y), None if dy is None else _merge(dy))
+    y, dy = _attention(_heads(attn, q), k, v, _heads(attn, dq), dk, dv, None)
+    return _linear(attn.out, _merge(y), _merge(dy))
 
 
 def _cross_attention(attn: Attention, x, dx, text, text_mask) -> Pair:
     q, dq = _linear(attn.q, x, dx)
     k, v = _keys_and_values(attn, attn.kv(text))
-    y, dy = _attention(_heads(attn, q), k, v, None if dq is None else _heads(attn, dq), None, None, text_mask)
-    return _linear(attn.out, _merge(y), None if dy is None else _merge(dy))
+    y, dy = _attention(_heads(attn, q), k, v, _heads(attn, dq), None, None, text_mask)
+    return _linear(attn.out, _merge(y), _merge(dy))
 
 
-def _heads(attn: Attention, a):
+def _heads(attn: Attention, a):  # None (no tangent) stays None, as in _merge
+    if a is None:
+        return None
     return a.view(a.shape[0], a.shape[1], attn.heads, -1).transpose(1, 2)
 
 
@@ -234,6 +236,8 @@ def _keys_and_values(attn: Attention, kv):
 
 
 def _merge(a):
+    if a is None:
+        return None
     return a.transpose(1, 2).reshape(a.shape[0], a.shape[2], -1)
 
 
