@@ -3,7 +3,7 @@
     python -m benchmarks.meanflow_finetune_variants --demo DEMO_DIR --name NAME [--steps 800]
         [--velocity data|teacher] [--guidance-w 1.0] [--adaptive-p 0.5] [--lr 5e-4]
         [--full-interval 0.0] [--r-neq-t 0.5 0.9] [--decay constant|cosine|linear] [--train-all]
-        [--ema-decay 0.999] [--split-share 0.0] [--tangent velocity|model]
+        [--ema-decay 0.999] [--split-share 0.0] [--split-steps 2] [--identity eulerian|lagrangian] [--tangent velocity|model]
         [--time-embedding dual|decoupled --decoder-depth N] [--seed 0] [--images-per-prompt 16] [--parent FM_EXPORT]
 
 DEMO_DIR is a finished `emf demo --out DEMO_DIR`: its shards and its exported flow-matching
@@ -63,6 +63,10 @@ def main() -> None:
                         help="train every parameter instead of EMF's blocks, time embeddings and final modulation")
     parser.add_argument("--split-share", type=float, default=0.0,
                         help="share of the r != t rows (the longest) on the interval-splitting target (objective.split_share)")
+    parser.add_argument("--split-steps", type=int, default=2,
+                        help="sub-intervals of a split row's target (objective.split_steps)")
+    parser.add_argument("--identity", choices=("eulerian", "lagrangian"), default="eulerian",
+                        help="the JVP rows' target: MeanFlow's du/dt, or du/dr at the step's end (objective.identity)")
     parser.add_argument("--tangent", choices=("velocity", "model"), default="velocity",
                         help="the JVP's direction: v, or the network's own velocity (objective.tangent, iMF)")
     parser.add_argument("--time-embedding", choices=("dual", "decoupled"), default="dual",
@@ -84,6 +88,7 @@ def main() -> None:
                                  full_interval=args.full_interval)
     objective_cfg = MeanFlowConfig(adaptive_p=args.adaptive_p, time=time_cfg, velocity=args.velocity,
                                    guidance_w=args.guidance_w, split_share=args.split_share,
+                                   split_steps=args.split_steps, identity=args.identity,
                                    tangent=args.tangent)
     if problems := objective_cfg.validate():
         parser.error("; ".join(problems))

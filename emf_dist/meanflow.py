@@ -32,6 +32,20 @@ along the ODE the network itself samples, and the target's only noisy term is v.
 loss on V = u + (t - r) sg(du/dt) against v, written as ||u - sg(v - (t - r) du/dt)||^2 (the same
 value and gradient). It costs one more no-grad forward on the JVP rows.
 
+Identity (``identity``). MeanFlow's identity is Eulerian: it differentiates u in the start time, along
+the flow at the start point, which brings in the network's spatial Jacobian J_z u. The flow map
+x_r = z_t - (t - r) u(z_t, r, t) also obeys the Lagrangian identity: its end point moves with the
+flow as r moves, dx_r/dr = v(x_r, r), that is
+
+    u_tgt = v(x_r, r) + (t - r) du/dr,        du/dr: tangents (0, 1, 0) for (z, r, t)
+
+with v at the point where the step lands: the teacher's velocity (``velocity: teacher``) or the
+network's own u(x_r, r, r), Lagrangian self-distillation (Boffi, Albergo, Vanden-Eijnden, "How to
+build a consistency model", arXiv 2505.18825, where it trains more stably than the Eulerian and
+progressive forms). No spatial derivative: du/dr is forward-mode AD in r alone, then one no-grad
+forward at the end point. ``identity: lagrangian`` applies it to the JVP rows; the split rows keep
+their split target. Its measurement against the Eulerian identity: docs/benchmarks.md.
+
 Classifier-free guidance: text is dropped to the model's null condition at rate
 ``text_drop``; with guidance folded into training (MeanFlow's recipe) the velocity becomes
 v_g = w v + (1 - w - k) u_uncond + k u_cond for the rows that keep their text, u_* being the
@@ -51,7 +65,9 @@ the split target first. Those rows need no velocity v: the target is the field t
 learnt, which with folded guidance is already the guided one for rows that keep their text, and
 both predictions take the row's own text or null condition. The rest of the objective (r = t
 rows, the other r != t rows, the loss weight) is unchanged; split_share 0 is the objective
-without it, draw for draw.
+without it, draw for draw. ``split_steps`` k > 2 cuts a split row's interval at k - 1 points drawn
+uniformly in (r, t) and walks the network's k steps through them, the same identity applied k - 1
+times.
 """
 
 from __future__ import annotations
@@ -103,6 +119,13 @@ class MeanFlowConfig:
     # on the shorter intervals anchor that self-referential target: without them it diverges
     # (docs/benchmarks.md, "interval splitting inside the fine-tune").
     split_share: float = 0.0
+    # Sub-intervals of a split row: its target is the network's own split_steps-step walk over [r, t],
+    # cut at split_steps - 1 points drawn uniformly in (r, t) (2: SplitMeanFlow's one split point).
+    split_steps: int = 2
+    # The identity the JVP rows' target comes from (module docstring): MeanFlow's Eulerian one, du/dt
+    # along the flow at the start point, or the Lagrangian one, du/dr at the end point with the
+    # velocity evaluated where the step lands.
+    identity: Literal["eulerian", "lagrangian"] = "eulerian"
 
     @property
     def folds_guidance(self) -> bool:
@@ -123,6 +146,20 @@ class MeanFlowConfig:
             problems.append(f"split_share is a share of the r != t rows and must lie in [0, 1], got {self.split_share}")
         if self.split_share > 0 and self.mode == "flow_matching":
             problems.append("split_share splits intervals r < t; flow matching trains at r = t only: set it to 0")
+        if self.split_steps < 2:
+            problems.append(f"split_steps counts the sub-intervals of a split row and must be >= 2, got {self.split_steps}")
+        if self.identity == "lagrangian":
+            if self.mode == "flow_matching":
+                problems.append("identity: lagrangian shapes the r != t rows' target; flow matching has none: use eulerian")
+            if self.tangent == "model":
+                problems.append("tangent is the direction of the Eulerian identity's du/dt; the Lagrangian one "
+                                "differentiates in r alone: leave tangent at velocity")
+            if self.jvp in ("fused", "explicit"):
+                problems.append(f"jvp: {self.jvp} is our DiT's tangent along z and t; the Lagrangian identity's du/dr "
+                                "is taken by forward-mode AD: use auto or forward_ad")
+            if self.folds_guidance and self.velocity != "teacher":
+                problems.append("with identity: lagrangian the velocity at the end point is the network's own unless "
+                                "velocity: teacher, and folded guidance needs the teacher's there")
         if self.tangent == "model" and self.mode == "flow_matching":
             problems.append("tangent is the JVP's direction on r != t rows; flow matching has none: leave it at velocity")
         if self.fd_eps <= 0:
@@ -215,6 +252,33 @@ def jvp_target(net: nn.Module, z, r, t, v, text: tuple, drop, cfg: MeanFlowConfi
     return meanflow_target(v, r, t, time_derivative(net, z, r, t, tangent, text, drop, cfg, parameters_of))
 
 
+def end_time_derivative(net: nn.Module, z, r, t, text: tuple, drop, cfg: MeanFlowConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """u(z, r, t) and du/dr, its derivative in the end time (tangents (0, 1, 0) on (z, r, t)), by forward-mode
+    AD: our DiT's hand-written tangent runs along z and t only. No gradients."""
+    precision = contextlib.nullcontext()
+    if cfg.jvp_float32:
+        z, r, t = z.float(), r.float(), t.float()
+        precision = torch.autocast(z.device.type, enabled=False)
+    with torch.no_grad(), precision, fwAD.dual_level():
+        primal, tangent = fwAD.unpack_dual(net(z, fwAD.make_dual(r, torch.ones_like(r)), t, *text, drop))
+    return primal, tangent
+
+
+def lagrangian_target(net: nn.Module, teacher: nn.Module | None, z, r, t, text: tuple, drop,
+                      cfg: MeanFlowConfig) -> torch.Tensor:
+    """sg target of u(z_t, r, t) from the Lagrangian identity u = v(x_r, r) + (t - r) du/dr at the step's end
+    point x_r = z_t - (t - r) u, v the teacher's velocity there or (no teacher) the network's own u(x_r, r, r)."""
+    u, du_dr = end_time_derivative(net, z, r, t, text, drop, cfg)
+    gap = (t - r).view(-1, 1, 1, 1).to(u.dtype)
+    end = (z - gap * u).to(z.dtype)
+    if teacher is not None:
+        v_end = teacher_velocity(teacher, end, r, text, drop, cfg)
+    else:
+        with torch.no_grad():
+            v_end = net(end, r, r, *text, drop)
+    return (v_end.to(u.dtype) + gap * du_dr).to(z.dtype)
+
+
 def split_rows(r: torch.Tensor, t: torch.Tensor, share: float) -> torch.Tensor:
     """Indices of round(share x the number of r != t rows) rows, the longest intervals t - r (ties in row order)."""
     count = round(share * int((r != t).sum()))
@@ -222,10 +286,12 @@ def split_rows(r: torch.Tensor, t: torch.Tensor, share: float) -> torch.Tensor:
     return longest_first[:count]
 
 
-def split_target(net: nn.Module, z, r, t, split_point, text: tuple, drop) -> torch.Tensor:
-    """sg target of u(z_t, r, t): the network's own u over [r, s] and [s, t], s = t - split_point (t - r)."""
-    s = t - split_point * (t - r)
-    return split_average_velocity(net, z, torch.stack([t, s, r]), *text, drop)
+def split_target(net: nn.Module, z, r, t, split_points, text: tuple, drop) -> torch.Tensor:
+    """sg target of u(z_t, r, t): the network's own u over the sub-intervals of [r, t] cut at
+    s_j = t - f_j (t - r), ``split_points`` [B, k - 1] holding the fractions f_j in (0, 1)."""
+    fractions = split_points.sort(dim=1).values.T  # [k - 1, B], ascending: the cut points run from t down to r
+    cuts = t - fractions * (t - r)
+    return split_average_velocity(net, z, torch.cat([t[None], cuts, r[None]]), *text, drop)
 
 
 def guided_velocity(net: nn.Module, z, t, v, text: tuple, drop, cfg: MeanFlowConfig) -> torch.Tensor:
@@ -268,7 +334,7 @@ class MeanFlowLoss:
         self.cfg, self.teacher, self.parameters_of = cfg, teacher, parameters_of
 
     def _fuses(self, net: nn.Module, z: torch.Tensor) -> bool:
-        if self.cfg.jvp not in ("auto", "fused"):
+        if self.cfg.jvp not in ("auto", "fused") or self.cfg.identity == "lagrangian":
             return False
         blockers = fused_step_blockers(net, z, self.cfg, partitioned=self.parameters_of is not None)
         if blockers and self.cfg.jvp == "fused":
@@ -299,7 +365,7 @@ class MeanFlowLoss:
         drop = torch.rand(batch, generator=generator, device=device) < cfg.text_drop
         noise = torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype)
         if cfg.split_share > 0:  # drawn only then, so that split_share 0 keeps the draws of the plain objective
-            split_point = torch.rand(batch, generator=generator, device=device)
+            split_points = torch.rand(batch, cfg.split_steps - 1, generator=generator, device=device)
         split = split_rows(r, t, cfg.split_share)
         expand = lambda s: s.view(-1, 1, 1, 1).to(x.dtype)  # noqa: E731
         z = (1 - expand(t)) * x + expand(t) * noise
@@ -311,7 +377,7 @@ class MeanFlowLoss:
         target = v
         if len(split):
             rows = lambda a: a.index_select(0, split)  # noqa: E731
-            split_u = split_target(net, rows(z), rows(r), rows(t), rows(split_point), tuple(map(rows, text)), rows(drop))
+            split_u = split_target(net, rows(z), rows(r), rows(t), rows(split_points), tuple(map(rows, text)), rows(drop))
             target = target.index_copy(0, split, split_u.to(target.dtype))
         jvp_mask = r != t
         jvp_mask[split] = False
@@ -325,8 +391,12 @@ class MeanFlowLoss:
         else:
             if len(jvp_rows):
                 rows = lambda a: a.index_select(0, jvp_rows)  # noqa: E731
-                row_target = jvp_target(net, rows(z), rows(r), rows(t), rows(v), tuple(map(rows, text)), rows(drop),
-                                        cfg, self.parameters_of)
+                if cfg.identity == "lagrangian":
+                    row_target = lagrangian_target(net, self.teacher, rows(z), rows(r), rows(t), tuple(map(rows, text)),
+                                                   rows(drop), cfg)
+                else:
+                    row_target = jvp_target(net, rows(z), rows(r), rows(t), rows(v), tuple(map(rows, text)),
+                                            rows(drop), cfg, self.parameters_of)
                 target = target.index_copy(0, jvp_rows, row_target)
             jvp_seconds = time.perf_counter() - jvp_start  # host time: on CUDA only meaningful after a sync
             u = model(z, r, t, *text, drop)

@@ -7,7 +7,14 @@ import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
 
-from emf_dist.meanflow import MeanFlowConfig, MeanFlowLoss, jvp_target, split_target
+from emf_dist.meanflow import (
+    MeanFlowConfig,
+    MeanFlowLoss,
+    end_time_derivative,
+    jvp_target,
+    lagrangian_target,
+    split_target,
+)
 from emf_dist.model import VelocityNet
 from emf_dist.time_sampling import TimeSamplerConfig, sample_times
 from tests.helpers import random_text, randomised, tiny_config
@@ -63,14 +70,16 @@ def test_the_split_target_of_an_exact_flow_map_is_its_own_prediction_for_any_spl
     net, gen, (z, r, t, text, drop) = GaussianFlowMap(), *_gaussian_rows(seed=0)
     batch = z.shape[0]
     exact = net(z, r, t, *text, drop)
-    for split_point in (torch.full((batch,), 0.5), torch.full((batch,), 0.01), torch.rand(batch, generator=gen)):
-        torch.testing.assert_close(split_target(net, z, r, t, split_point, text, drop), exact, rtol=0, atol=1e-10)
+    splits = (torch.full((batch, 1), 0.5), torch.full((batch, 1), 0.01), torch.rand(batch, 1, generator=gen),
+              torch.rand(batch, 3, generator=gen), torch.tensor([[0.9, 0.2, 0.5]]).expand(batch, -1))
+    for split_points in splits:
+        torch.testing.assert_close(split_target(net, z, r, t, split_points, text, drop), exact, rtol=0, atol=1e-10)
     # Not a vacuous identity: the two halves' velocities differ, and a swapped weighting misses.
     s = t - 0.5 * (t - r)
     late = net(z, s, t, *text, drop)
     early = net(z - (t - s).view(-1, 1, 1, 1) * late, r, s, *text, drop)
     assert (early - late).abs().max() > 0.1
-    swapped_point = torch.full((batch,), 0.25)
+    swapped_point = torch.full((batch, 1), 0.25)
     s = t - 0.25 * (t - r)
     late = net(z, s, t, *text, drop)
     early = net(z - (t - s).view(-1, 1, 1, 1) * late, r, s, *text, drop)
@@ -97,6 +106,37 @@ def test_along_the_network_own_velocity_only_the_error_of_v_reaches_the_target()
         torch.testing.assert_close(target, exact, rtol=0, atol=1e-10)
 
 
+def test_the_lagrangian_target_of_an_exact_flow_map_is_its_own_prediction():
+    """identity: lagrangian. The exact flow map's end point moves with its own velocity, so u = v(x_r, r) +
+    (t - r) du/dr holds whether v at the end point is a teacher's (here the same exact flow) or the network's."""
+    net, _, (z, r, t, text, drop) = GaussianFlowMap(), *_gaussian_rows(seed=5)
+    exact = net(z, r, t, *text, drop)
+    cfg = MeanFlowConfig(jvp_float32=False, identity="lagrangian")
+    for teacher in (None, GaussianFlowMap()):
+        torch.testing.assert_close(lagrangian_target(net, teacher, z, r, t, text, drop, cfg), exact, rtol=0, atol=1e-10)
+    # Not vacuous: the derivative term carries most of it, and the velocity at the start point instead misses.
+    _, du_dr = end_time_derivative(net, z, r, t, text, drop, cfg)
+    assert ((t - r).view(-1, 1, 1, 1) * du_dr).abs().max() > 0.5
+    at_start = net(z, t, t, *text, drop) + (t - r).view(-1, 1, 1, 1) * du_dr
+    assert (at_start - exact).abs().max() > 0.1
+
+
+def test_the_end_time_derivative_equals_a_central_difference_on_our_dit():
+    cfg = tiny_config()
+    torch.manual_seed(6)
+    net = randomised(VelocityNet(cfg).double(), seed=6)
+    gen = torch.Generator().manual_seed(6)
+    z = torch.randn(4, cfg.in_channels, cfg.input_size, cfg.input_size, generator=gen, dtype=torch.float64)
+    r = torch.tensor([0.0, 0.2, 0.5, 0.1], dtype=torch.float64)
+    t = torch.tensor([1.0, 0.9, 0.6, 0.3], dtype=torch.float64)
+    text, drop = random_text(4, 5, cfg.text_dim, seed=7, dtype=torch.float64), torch.tensor([False, True, False, False])
+    u, du_dr = end_time_derivative(net, z, r, t, text, drop, MeanFlowConfig(jvp_float32=False))
+    eps = 1e-7  # the time features' frequencies make the difference's truncation error the larger one
+    difference = (net(z, r + eps, t, *text, drop) - net(z, r - eps, t, *text, drop)) / (2 * eps)
+    torch.testing.assert_close(du_dr, difference, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(u, net(z, r, t, *text, drop), rtol=0, atol=1e-12)
+
+
 def _setup(batch, seed=0):
     cfg = tiny_config()
     torch.manual_seed(seed)
@@ -109,14 +149,16 @@ def _setup(batch, seed=0):
 def _reference_loss(net, x, text, cfg: MeanFlowConfig, gen: torch.Generator):
     """The objective written out row by row (v = e - x, no folded guidance): the draws in their documented
     order (times, text drop, noise, then the split points only if split_share > 0); split rows are the
-    longest r != t intervals, each target from the network's own two MeanFlow steps over [r, s], [s, t];
+    longest r != t intervals, each target the length-weighted mean of the network's own MeanFlow steps
+    from t down to r through the row's sorted cut points;
     the other r != t rows take the MeanFlow target by forward-mode AD, along v or (tangent: model) the
-    network's own u(z_t, t, t); r = t rows take v."""
+    network's own u(z_t, t, t), or (identity: lagrangian) du/dr by forward-mode AD and the network's own
+    velocity at the step's end point; r = t rows take v."""
     batch = x.shape[0]
     r, t = sample_times(cfg.time, batch, 0.0, generator=gen)
     drop = torch.rand(batch, generator=gen) < cfg.text_drop
     noise = torch.randn(x.shape, generator=gen)
-    split_point = torch.rand(batch, generator=gen) if cfg.split_share > 0 else None
+    split_points = torch.rand(batch, cfg.split_steps - 1, generator=gen) if cfg.split_share > 0 else None
     intervals = [i for i in range(batch) if r[i] != t[i]]
     longest = sorted(intervals, key=lambda i: (-float(t[i] - r[i]), i))
     split = set(longest[:round(cfg.split_share * len(intervals))])
@@ -128,12 +170,21 @@ def _reference_loss(net, x, text, cfg: MeanFlowConfig, gen: torch.Generator):
         one = lambda a: a[i:i + 1]  # noqa: E731
         row_text = tuple(map(one, text))
         if i in split:
-            s = t[i] - split_point[i] * (t[i] - r[i])
+            cuts = [float(t[i] - f * (t[i] - r[i])) for f in sorted(split_points[i].tolist())]
+            times, z_now, displacement = [float(t[i]), *cuts, float(r[i])], one(z), 0.0
             with torch.no_grad():
-                u_late = net(one(z), s.view(1), one(t), *row_text, one(drop))
-                z_s = one(z) - (t[i] - s) * u_late
-                u_early = net(z_s, one(r), s.view(1), *row_text, one(drop))
-            targets.append(((s - r[i]) * u_early + (t[i] - s) * u_late) / (t[i] - r[i]))
+                for start, end in zip(times[:-1], times[1:]):
+                    u_step = net(z_now, torch.tensor([end]), torch.tensor([start]), *row_text, one(drop))
+                    z_now = z_now - (start - end) * u_step
+                    displacement = displacement + (start - end) * u_step
+            targets.append(displacement / (t[i] - r[i]))
+        elif r[i] != t[i] and cfg.identity == "lagrangian":
+            with fwAD.dual_level():
+                out = net(one(z), fwAD.make_dual(one(r), torch.ones(1)), one(t), *row_text, one(drop))
+                u_row, du_dr = fwAD.unpack_dual(out)
+            with torch.no_grad():  # the network's own velocity where the step lands
+                v_end = net(one(z) - (t[i] - r[i]) * u_row, one(r), one(r), *row_text, one(drop))
+            targets.append((v_end + (t[i] - r[i]) * du_dr).detach())
         elif r[i] != t[i]:
             with torch.no_grad():  # iMF: along the network's own velocity at the row's condition
                 tangent = net(one(z), one(t), one(t), *row_text, one(drop)) if cfg.tangent == "model" else one(v)
@@ -154,14 +205,18 @@ def _loss_and_grads(loss, net):
     return loss, torch.autograd.grad(loss, list(net.parameters()))
 
 
-@pytest.mark.parametrize("split_share, tangent, expected_split, expected_jvp",
-                         [(0.5, "velocity", 3, 3), (1.0, "velocity", 6, 0), (0.0, "velocity", 0, 6),
-                          (0.0, "model", 0, 6), (0.5, "model", 3, 3)])
-def test_loss_and_gradients_equal_a_row_by_row_float64_reference(split_share, tangent, expected_split, expected_jvp):
+@pytest.mark.parametrize("split_share, split_steps, tangent, identity, expected_split, expected_jvp",
+                         [(0.5, 2, "velocity", "eulerian", 3, 3), (1.0, 2, "velocity", "eulerian", 6, 0),
+                          (0.0, 2, "velocity", "eulerian", 0, 6), (0.0, 2, "model", "eulerian", 0, 6),
+                          (0.5, 2, "model", "eulerian", 3, 3), (0.5, 4, "velocity", "eulerian", 3, 3),
+                          (0.0, 2, "velocity", "lagrangian", 0, 6), (0.5, 2, "velocity", "lagrangian", 3, 3)])
+def test_loss_and_gradients_equal_a_row_by_row_float64_reference(split_share, split_steps, tangent, identity,
+                                                                 expected_split, expected_jvp):
     # 8 rows, 6 of them r != t, 2 of those at (0, 1): with split_share 0.5 the split rows are the two
     # full intervals and the longest of the other four.
     cfg = MeanFlowConfig(time=TimeSamplerConfig(r_neq_t=0.75, full_interval=0.34), text_drop=0.3,
-                         adaptive_p=0.5, jvp_float32=False, split_share=split_share, tangent=tangent)
+                         adaptive_p=0.5, jvp_float32=False, split_share=split_share, split_steps=split_steps,
+                         tangent=tangent, identity=identity)
     net, x, text = _setup(batch=8)
     gen = torch.Generator().manual_seed(11)
     loss, grads = _loss_and_grads(MeanFlowLoss(cfg)(net, x, *text, generator=gen)[0], net)
@@ -203,5 +258,10 @@ def test_split_share_is_validated():
     assert any("split_share" in p for p in MeanFlowConfig(split_share=-0.1).validate())
     assert any("flow matching" in p for p in MeanFlowConfig(mode="flow_matching", split_share=0.25).validate())
     assert not MeanFlowConfig(split_share=0.5).validate()
+    assert any("split_steps" in p for p in MeanFlowConfig(split_share=0.5, split_steps=1).validate())
+    assert not MeanFlowConfig(split_share=0.5, split_steps=4).validate()
+    assert not MeanFlowConfig(identity="lagrangian", velocity="teacher", guidance_w=1.5).validate()
+    for refused in (dict(mode="flow_matching"), dict(tangent="model"), dict(jvp="fused"), dict(guidance_w=1.5)):
+        assert MeanFlowConfig(identity="lagrangian", **refused).validate(), refused
     assert any("tangent" in p for p in MeanFlowConfig(mode="flow_matching", tangent="model").validate())
     assert not MeanFlowConfig(tangent="model").validate()

@@ -61,6 +61,8 @@ def test_impossible_batch_arithmetic_and_fault_options_are_refused():
         config(data={"url": "x", "cache_mib": 256, "loader_workers": 2})
     with pytest.raises(ConfigError, match="jvp: fused reads whole weights .* ZeRO-3 partitions them"):
         config(zero={"stage": 3}, objective={"jvp": "fused"})
+    with pytest.raises(ConfigError, match="identity: lagrangian .* ZeRO-3"):
+        config(zero={"stage": 3}, objective={"identity": "lagrangian"})
     with pytest.raises(ConfigError, match="jvp: fused has none"):
         config(objective={"jvp": "fused", "jvp_chunk": 4})
 

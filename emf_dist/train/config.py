@@ -207,6 +207,9 @@ class TrainConfig:
         if self.zero.stage == 3 and self.objective.jvp == "fused":
             problems.append("objective.jvp: fused reads whole weights inside the gradient pass, and ZeRO-3 partitions "
                             "them: use auto (the two-pass step under ZeRO-3) or explicit")
+        if self.zero.stage == 3 and self.objective.identity == "lagrangian":
+            problems.append("objective.identity: lagrangian takes du/dr by forward-mode AD through the module and is "
+                            "not wired to ZeRO-3's partitioned weights: use ZeRO-0, 1 or 2, or identity: eulerian")
         if self.scaling.num_workers < 1:
             problems.append("scaling.num_workers must be >= 1")
         if self.starts_from_export and not self.init_from:
