@@ -3,7 +3,8 @@
     python -m benchmarks.meanflow_finetune_variants --demo DEMO_DIR --name NAME [--steps 800]
         [--velocity data|teacher] [--guidance-w 1.0] [--adaptive-p 0.5] [--lr 5e-4]
         [--full-interval 0.0] [--r-neq-t 0.5 0.9] [--decay constant|cosine|linear] [--train-all]
-        [--ema-decay 0.999] [--split-share 0.0] [--split-steps 2] [--identity eulerian|lagrangian] [--tangent velocity|model]
+        [--ema-decay 0.999] [--split-share 0.0] [--split-steps 2] [--identity eulerian|lagrangian]
+        [--tangent velocity|model]
         [--time-embedding dual|decoupled --decoder-depth N] [--seed 0] [--images-per-prompt 16] [--parent FM_EXPORT]
 
 DEMO_DIR is a finished `emf demo --out DEMO_DIR`: its shards and its exported flow-matching

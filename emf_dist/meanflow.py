@@ -147,10 +147,12 @@ class MeanFlowConfig:
         if self.split_share > 0 and self.mode == "flow_matching":
             problems.append("split_share splits intervals r < t; flow matching trains at r = t only: set it to 0")
         if self.split_steps < 2:
-            problems.append(f"split_steps counts the sub-intervals of a split row and must be >= 2, got {self.split_steps}")
+            problems.append(f"split_steps counts the sub-intervals of a split row and must be >= 2, "
+                            f"got {self.split_steps}")
         if self.identity == "lagrangian":
             if self.mode == "flow_matching":
-                problems.append("identity: lagrangian shapes the r != t rows' target; flow matching has none: use eulerian")
+                problems.append("identity: lagrangian shapes the r != t rows' target; flow matching has none: "
+                                "use eulerian")
             if self.tangent == "model":
                 problems.append("tangent is the direction of the Eulerian identity's du/dt; the Lagrangian one "
                                 "differentiates in r alone: leave tangent at velocity")
@@ -252,7 +254,8 @@ def jvp_target(net: nn.Module, z, r, t, v, text: tuple, drop, cfg: MeanFlowConfi
     return meanflow_target(v, r, t, time_derivative(net, z, r, t, tangent, text, drop, cfg, parameters_of))
 
 
-def end_time_derivative(net: nn.Module, z, r, t, text: tuple, drop, cfg: MeanFlowConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def end_time_derivative(net: nn.Module, z, r, t, text: tuple, drop,
+                        cfg: MeanFlowConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """u(z, r, t) and du/dr, its derivative in the end time (tangents (0, 1, 0) on (z, r, t)), by forward-mode
     AD: our DiT's hand-written tangent runs along z and t only. No gradients."""
     precision = contextlib.nullcontext()
@@ -377,7 +380,8 @@ class MeanFlowLoss:
         target = v
         if len(split):
             rows = lambda a: a.index_select(0, split)  # noqa: E731
-            split_u = split_target(net, rows(z), rows(r), rows(t), rows(split_points), tuple(map(rows, text)), rows(drop))
+            split_u = split_target(net, rows(z), rows(r), rows(t), rows(split_points), tuple(map(rows, text)),
+                                   rows(drop))
             target = target.index_copy(0, split, split_u.to(target.dtype))
         jvp_mask = r != t
         jvp_mask[split] = False
