@@ -1,7 +1,7 @@
 """Rounds of one-step distillation (emf_dist/split_distill.py) from one MeanFlow export, each scored.
 
     python -m benchmarks.split_distill_rounds --demo DEMO_DIR --start MF_EXPORT --name NAME
-        [--rounds 3] [--steps 300] [--teacher-steps 4] [--lr 5e-4] [--images-per-prompt 16]
+        [--rounds 3] [--steps 300] [--teacher-steps 4] [--guidance 1.0] [--lr 5e-4] [--images-per-prompt 16]
 
 Round i starts from round i-1's EMA weights, which are also its frozen teacher (round 1: the
 export given). Each round is the spec's distill step in one process (batch 64, fresh AdamW and
@@ -33,6 +33,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=300, help="optimizer steps per round")
     parser.add_argument("--teacher-steps", type=int, default=4)
+    parser.add_argument("--guidance", type=float, default=1.0, help="the teacher's CFG scale over its k steps")
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--images-per-prompt", type=int, default=16)
     args = parser.parse_args()
@@ -40,7 +41,7 @@ def main() -> None:
 
     data = load_shards(os.path.join(args.demo, "steps", "prep"))
     model, info = load_model(args.start)
-    objective_cfg = SplitDistillConfig(teacher_steps=args.teacher_steps)
+    objective_cfg = SplitDistillConfig(teacher_steps=args.teacher_steps, guidance=args.guidance)
     for round_number in range(1, args.rounds + 1):
         teacher = copy.deepcopy(model).eval().requires_grad_(False)
         model.requires_grad_(True)

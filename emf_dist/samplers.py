@@ -22,9 +22,8 @@ import torch.nn as nn
 def sample(net: nn.Module, noise: torch.Tensor, text_tokens, text_mask, text_pooled, *, steps: int = 1,
            mean_flow: bool = True, guidance_scale: float = 1.0, drop_text: torch.Tensor | None = None) -> torch.Tensor:
     """Generate from ``noise`` [B, C, H, W] in ``steps`` network evaluations (twice that with CFG).
-    ``drop_text`` [B] bool: rows sampled unconditionally (the model's null condition), without CFG."""
-    if drop_text is not None and guidance_scale != 1.0:
-        raise ValueError("drop_text samples rows unconditionally; it does not combine with guidance_scale")
+    ``drop_text`` [B] bool: rows sampled unconditionally (the model's null condition) and unguided; the
+    other rows take ``guidance_scale``."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     batch = noise.shape[0]
@@ -40,10 +39,12 @@ def sample(net: nn.Module, noise: torch.Tensor, text_tokens, text_mask, text_poo
 
 def velocity(net, z, r, t, text_tokens, text_mask, text_pooled, guidance_scale: float = 1.0,
              drop_text: torch.Tensor | None = None) -> torch.Tensor:
+    """The network's (guided) prediction; rows in ``drop_text`` take the null condition and no guidance."""
     if guidance_scale == 1.0:
         return net(z, r, t, text_tokens, text_mask, text_pooled, drop_text)
     u_cond, u_uncond = cond_and_uncond(net, z, r, t, text_tokens, text_mask, text_pooled)
-    return u_uncond + guidance_scale * (u_cond - u_uncond)
+    guided = u_uncond + guidance_scale * (u_cond - u_uncond)
+    return guided if drop_text is None else torch.where(drop_text.view(-1, 1, 1, 1), u_uncond, guided)
 
 
 def cond_and_uncond(net, z, r, t, text_tokens, text_mask, text_pooled) -> tuple[torch.Tensor, torch.Tensor]:

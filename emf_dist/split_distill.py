@@ -13,7 +13,11 @@ model (the teacher) samples in k steps and the student's 1-step query regresses 
     loss = adaptive-weighted || u(z_1, 0, 1) - sg(z_1 - x_k(z_1)) ||^2,   z_1 ~ N(0, I)
 
 Only captions are needed (the images of the batch are not used). Every row is the 1-step
-query; the other intervals are not trained. A fixed teacher saturates, so training runs in
+query; the other intervals are not trained. With ``guidance`` w != 1 the teacher takes its k
+steps with classifier-free guidance, u_uncond + w (u_cond - u_uncond), so the student's 1-step
+query learns the guided k-step sample at one evaluation (guidance distillation, as SANA-Sprint
+and rCM distil a guided teacher); rows whose text is dropped stay unguided, so the null
+condition keeps its meaning. A fixed teacher saturates, so training runs in
 rounds, each round's result the next round's teacher (``SplitDistillConfig.rounds``; what rounds do
 to 1, 2 and 4 steps on the demo recipe: docs/benchmarks.md).
 
@@ -29,10 +33,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from emf_dist.samplers import velocity
+
 
 @torch.no_grad()
 def split_average_velocity(net: nn.Module, z: torch.Tensor, times: torch.Tensor, text_tokens, text_mask,
-                           text_pooled, drop: torch.Tensor | None = None) -> torch.Tensor:
+                           text_pooled, drop: torch.Tensor | None = None, guidance: float = 1.0) -> torch.Tensor:
     """The average velocity of ``net``'s flow over [times[-1], times[0]] (per row), split at the times between.
 
     ``times`` [k + 1, B] runs down, t_0 > t_1 > ... > t_k, per row; from ``z`` = z_{t_0} it takes net's
@@ -40,11 +46,12 @@ def split_average_velocity(net: nn.Module, z: torch.Tensor, times: torch.Tensor,
     length-weighted mean sum_i (t_i - t_{i+1}) u_i / (t_0 - t_k): for an exact average-velocity field
     this is u(z_{t_0}, t_k, t_0) whatever the split (SplitMeanFlow's interval splitting consistency).
     The weighted sum rather than (z_0 - z_k) / (t_0 - t_k) keeps short intervals exact in low precision.
-    ``drop`` [B] bool: rows evaluated at the null condition, at every step. No gradients."""
+    ``drop`` [B] bool: rows evaluated at the null condition, at every step; the others with classifier-free
+    guidance scale ``guidance`` (1: none, one evaluation per step). No gradients."""
     expand = lambda s: s.view(-1, 1, 1, 1).to(z.dtype)  # noqa: E731
     total = torch.zeros_like(z)
     for t_now, t_next in zip(times[:-1], times[1:]):
-        u = net(z, t_next, t_now, text_tokens, text_mask, text_pooled, drop)
+        u = velocity(net, z, t_next, t_now, text_tokens, text_mask, text_pooled, guidance, drop)
         total = total + expand(t_now - t_next) * u
         z = z - expand(t_now - t_next) * u
     return total / expand(times[0] - times[-1])
@@ -56,6 +63,9 @@ class SplitDistillConfig:
     adaptive_p: float = 0.5  # adaptive loss weight 1/(err^2 + c)^p, as in the MeanFlow objective
     adaptive_c: float = 1e-3
     text_drop: float = 0.1  # rows whose text is replaced by the null condition, for teacher and student alike
+    # The teacher's classifier-free guidance scale over its k steps (1: none). Above 1 the teacher
+    # evaluates each step twice, conditional and unconditional, in one doubled batch.
+    guidance: float = 1.0
     # Rounds in one run: the run's steps split evenly, each round's EMA weights the next round's start
     # and teacher (a fixed teacher saturates). Each round is the run a one-round config would make,
     # seeded seed + round (TrainConfig.distill_round), so R rounds equal R chained runs.
@@ -68,6 +78,8 @@ class SplitDistillConfig:
                             f"itself), got {self.teacher_steps}")
         if not 0.0 <= self.text_drop < 1.0:
             problems.append(f"text_drop must lie in [0, 1), got {self.text_drop}")
+        if self.guidance <= 0:
+            problems.append(f"guidance must be > 0 (1 = no guidance), got {self.guidance}")
         if self.rounds < 1:
             problems.append(f"rounds must be >= 1, got {self.rounds}")
         if self.adaptive_p < 0 or self.adaptive_c <= 0:
@@ -89,7 +101,7 @@ class SplitDistillLoss:
         drop = torch.rand(batch, generator=generator, device=device) < cfg.text_drop
         noise = torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype)
         times = torch.linspace(1.0, 0.0, cfg.teacher_steps + 1, device=device)[:, None].expand(-1, batch)
-        target = split_average_velocity(self.teacher, noise, times, *text, drop)  # z_1 - x_k: the k-step sample's u
+        target = split_average_velocity(self.teacher, noise, times, *text, drop, cfg.guidance)  # z_1 - x_k
 
         u = model(noise, torch.zeros(batch, device=device), torch.ones(batch, device=device), *text, drop)
         precision = torch.promote_types(u.dtype, torch.float32)  # reduce bf16 outputs in float32

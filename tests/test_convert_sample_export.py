@@ -149,6 +149,11 @@ def test_cfg_sampling_combines_conditional_and_unconditional():
     out = sample(net, noise, *text, steps=1, guidance_scale=3.0)
     torch.testing.assert_close(out, noise - (uncond + 3.0 * (cond - uncond)), rtol=1e-5, atol=1e-5)
 
+    # A row whose text is dropped is sampled unconditionally, unguided; the other keeps its guidance.
+    mixed = sample(net, noise, *text, steps=1, guidance_scale=3.0, drop_text=torch.tensor([True, False]))
+    torch.testing.assert_close(mixed[0], noise[0] - uncond[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mixed[1], out[1], rtol=1e-5, atol=1e-5)
+
 
 def test_ema_tracks_and_round_trips():
     model = torch.nn.Linear(3, 2)

@@ -28,26 +28,30 @@ def _batch(cfg, batch=6, seed=3, dtype=torch.float64):
 
 def _reference_loss(student, teacher, x, text, cfg: SplitDistillConfig, seed):
     """The same draws as the objective (drop, then noise, from one generator), the teacher's k steps as
-    an explicit loop over t = 1, 1 - 1/k, ..., 0, and the adaptive weight as MeanFlow's."""
+    an explicit loop over t = 1, 1 - 1/k, ..., 0 with its conditional and unconditional calls made
+    separately, and the adaptive weight as MeanFlow's."""
     gen = torch.Generator().manual_seed(seed)
     batch = x.shape[0]
     drop = torch.rand(batch, generator=gen) < cfg.text_drop
     noise = torch.randn(x.shape, generator=gen, dtype=x.dtype)
-    z, k = noise.clone(), cfg.teacher_steps
+    z, k, w = noise.clone(), cfg.teacher_steps, cfg.guidance
+    null = torch.ones(batch, dtype=torch.bool)
     with torch.no_grad():
         for i in range(k):
             t, r = torch.full((batch,), 1 - i / k), torch.full((batch,), 1 - (i + 1) / k)
-            z = z - (1 / k) * teacher(z, r, t, *text, drop)
+            # A dropped row's conditional call is already the null condition, so w leaves it unguided.
+            u_cond, u_uncond = teacher(z, r, t, *text, drop), teacher(z, r, t, *text, null)
+            z = z - (1 / k) * (u_uncond + w * (u_cond - u_uncond))
     u = student(noise, torch.zeros(batch), torch.ones(batch), *text, drop)
     err = ((u - (noise - z)) ** 2).flatten(1).mean(1)
     return ((err.detach() + cfg.adaptive_c) ** -cfg.adaptive_p * err).mean()
 
 
-@pytest.mark.parametrize("teacher_steps, text_drop", [(2, 0.0), (4, 0.5)])
-def test_loss_and_gradients_equal_a_float64_reference(teacher_steps, text_drop):
+@pytest.mark.parametrize("teacher_steps, text_drop, guidance", [(2, 0.0, 1.0), (4, 0.5, 1.0), (4, 0.5, 2.0)])
+def test_loss_and_gradients_equal_a_float64_reference(teacher_steps, text_drop, guidance):
     cfg, student, teacher = _nets()
     x, text = _batch(cfg)
-    distill = SplitDistillConfig(teacher_steps=teacher_steps, text_drop=text_drop)
+    distill = SplitDistillConfig(teacher_steps=teacher_steps, text_drop=text_drop, guidance=guidance)
     loss, stats = SplitDistillLoss(distill, teacher)(student, x, *text, generator=torch.Generator().manual_seed(9))
     grads = torch.autograd.grad(loss, list(student.parameters()))
 
@@ -105,4 +109,5 @@ def test_training_brings_the_one_step_sample_to_the_teachers_k_step_sample():
 def test_config_errors_name_the_field():
     assert "teacher_steps" in " ".join(SplitDistillConfig(teacher_steps=1).validate())
     assert "text_drop" in " ".join(SplitDistillConfig(text_drop=1.0).validate())
+    assert "guidance" in " ".join(SplitDistillConfig(guidance=0.0).validate())
     assert not SplitDistillConfig().validate()
