@@ -33,7 +33,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=300, help="optimizer steps per round")
     parser.add_argument("--teacher-steps", type=int, default=4)
-    parser.add_argument("--guidance", type=float, default=1.0, help="the teacher's CFG scale over its k steps")
+    parser.add_argument("--guidance", type=float, default=1.0, help="the first round's teacher CFG scale over its k steps")
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--images-per-prompt", type=int, default=16)
     args = parser.parse_args()
@@ -47,7 +47,8 @@ def main() -> None:
         model.requires_grad_(True)
         run = TrainConfig(steps=args.steps, micro_batch=64, seed=round_number, scaling=ScalingOptions(num_workers=1),
                           optim=OptimConfig(lr=args.lr, warmup_steps=50))
-        result = train_local(model, SplitDistillLoss(objective_cfg, teacher), data, run, log_every=100)
+        objective = SplitDistillLoss(objective_cfg.round(round_number - 1), teacher)
+        result = train_local(model, objective, data, run, log_every=100)
         result["ema"].copy_to(model)
         out = os.path.join(args.demo, "variants", f"{args.name}_r{round_number}")
         export = export_model(model, info, os.path.join(out, "export"))

@@ -28,7 +28,7 @@ teacher and one split point.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -63,13 +63,19 @@ class SplitDistillConfig:
     adaptive_p: float = 0.5  # adaptive loss weight 1/(err^2 + c)^p, as in the MeanFlow objective
     adaptive_c: float = 1e-3
     text_drop: float = 0.1  # rows whose text is replaced by the null condition, for teacher and student alike
-    # The teacher's classifier-free guidance scale over its k steps (1: none). Above 1 the teacher
-    # evaluates each step twice, conditional and unconditional, in one doubled batch.
+    # The teacher's classifier-free guidance scale over its k steps (1: none), in the first round only:
+    # a later round's teacher is the guided student already, and guiding it again compounds the scale
+    # round after round (docs/benchmarks.md). Above 1 the teacher evaluates each step twice,
+    # conditional and unconditional, in one doubled batch.
     guidance: float = 1.0
     # Rounds in one run: the run's steps split evenly, each round's EMA weights the next round's start
     # and teacher (a fixed teacher saturates). Each round is the run a one-round config would make,
     # seeded seed + round (TrainConfig.distill_round), so R rounds equal R chained runs.
     rounds: int = 1
+
+    def round(self, index: int) -> SplitDistillConfig:
+        """Round ``index`` (from 0) as a one-round objective: guided in the first round only."""
+        return replace(self, rounds=1, guidance=self.guidance if index == 0 else 1.0)
 
     def validate(self) -> list[str]:
         problems = []

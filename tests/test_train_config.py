@@ -150,3 +150,14 @@ def test_the_fine_tune_converts_by_its_model_time_embedding(tmp_path):
                              str(tmp_path / "mf"))
     assert resolve_model(config(mode="meanflow_distill", init_from=mf_folder)).model == replace(
         mf, checkpointing=TrainConfig().model.checkpointing)
+
+
+def test_distillation_rounds_guide_only_the_first_teacher():
+    """A later round's teacher is the guided student already: guiding it again would compound the scale."""
+    cfg = config(mode="meanflow_distill", init_from="/nowhere/export", steps=600, seed=4,
+                 distill={"rounds": 3, "guidance": 1.5})
+    rounds = [cfg.distill_round(index) for index in range(3)]
+    assert [r.distill.guidance for r in rounds] == [1.5, 1.0, 1.0]
+    assert [(r.seed, r.steps, r.distill.rounds) for r in rounds] == [(4, 200, 1), (5, 200, 1), (6, 200, 1)]
+    assert "guidance" in str(pytest.raises(ConfigError, config, mode="meanflow_distill", init_from="/nowhere/export",
+                                           distill={"guidance": 0.0}).value)

@@ -182,9 +182,10 @@ class TrainConfig:
 
     def distill_round(self, index: int) -> TrainConfig:
         """Round ``index`` (from 0) of a multi-round distillation as the one-round run it equals: its
-        steps, its own seed (noise draws and data order), its own warm-up and decay."""
+        steps, its own seed (noise draws and data order), its own warm-up and decay, and its objective
+        (SplitDistillConfig.round: the teacher guided in the first round only)."""
         return replace(self, seed=self.seed + index, steps=self.round_steps, stop_after=0,
-                       distill=replace(self.distill, rounds=1))
+                       distill=self.distill.round(index))
 
     @property
     def global_batch(self) -> int:
