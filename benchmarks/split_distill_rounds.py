@@ -1,7 +1,8 @@
 """Rounds of one-step distillation (emf_dist/split_distill.py) from one MeanFlow export, each scored.
 
     python -m benchmarks.split_distill_rounds --demo DEMO_DIR --start MF_EXPORT --name NAME
-        [--rounds 3] [--steps 300] [--teacher-steps 4] [--guidance 1.0] [--lr 5e-4] [--images-per-prompt 16]
+        [--rounds 3] [--steps 300] [--teacher-steps 4] [--guidance 1.0] [--lr 5e-4] [--adaptive-p 0.5]
+        [--images-per-prompt 16]
 
 Round i starts from round i-1's EMA weights, which are also its frozen teacher (round 1: the
 export given). Each round is the spec's distill step in one process (batch 64, fresh AdamW and
@@ -35,13 +36,15 @@ def main() -> None:
     parser.add_argument("--teacher-steps", type=int, default=4)
     parser.add_argument("--guidance", type=float, default=1.0, help="the first round's teacher CFG scale over its k steps")
     parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--adaptive-p", type=float, default=0.5, help="the loss weight 1/(err^2 + c)^p (0: plain MSE)")
     parser.add_argument("--images-per-prompt", type=int, default=16)
     args = parser.parse_args()
     torch.set_num_threads(len(os.sched_getaffinity(0)))  # the cores `taskset` leaves this process
 
     data = load_shards(os.path.join(args.demo, "steps", "prep"))
     model, info = load_model(args.start)
-    objective_cfg = SplitDistillConfig(teacher_steps=args.teacher_steps, guidance=args.guidance)
+    objective_cfg = SplitDistillConfig(teacher_steps=args.teacher_steps, guidance=args.guidance,
+                                       adaptive_p=args.adaptive_p)
     for round_number in range(1, args.rounds + 1):
         teacher = copy.deepcopy(model).eval().requires_grad_(False)
         model.requires_grad_(True)

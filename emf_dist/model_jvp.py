@@ -312,8 +312,11 @@ def _layer_norm(norm: nn.LayerNorm, x, dx) -> Pair:
 def _d_layer_norm(dx, x, norm, mean, inv_std):
     # Normalisation's Jacobian (I - 11^T/n - y y^T/n) / std is symmetric, so the fused backward kernel
     # (without the affine scale, applied after) gives the tangent from the primal's saved statistics.
-    dy = torch.ops.aten.native_layer_norm_backward(dx, _rows(x, dx), norm.normalized_shape, _rows(mean, dx),
+    # The kernel wants the tangent in the input's dtype; under autocast they can differ.
+    x = _rows(x, dx)
+    dy = torch.ops.aten.native_layer_norm_backward(dx.to(x.dtype), x, norm.normalized_shape, _rows(mean, dx),
                                                    _rows(inv_std, dx), None, None, [True, False, False])[0]
+    dy = dy.to(dx.dtype)
     return dy if norm.weight is None else dy * norm.weight
 
 

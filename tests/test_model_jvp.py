@@ -142,3 +142,21 @@ def test_auto_picks_the_explicit_pass_for_our_dit_only():
     with pytest.raises(ValueError, match="explicit is written for our DiT"):
         time_derivative(torch.nn.Linear(2, 2), torch.zeros(1, 2), torch.zeros(1), torch.ones(1), torch.zeros(1, 2),
                         (), None, MeanFlowConfig(jvp="explicit"))
+
+
+@pytest.mark.parametrize("time_embedding", ["dual", "decoupled"])
+def test_the_tangent_under_bf16_autocast_is_the_float64_tangent_to_bf16_precision(time_embedding):
+    """`jvp_float32: false` runs the JVP pass under the step's autocast: bf16 activations meet
+    float32 statistics and residuals, and every rule must take both."""
+    cfg = tiny_config(time_embedding=time_embedding, depth=3, decoder_depth=1 if time_embedding == "decoupled" else 0)
+    net = randomised(VelocityNet(cfg).double(), scale=0.3)
+    z, dz, r, t, dt, text, drop = _inputs(cfg)
+    _, du_ref = velocity_and_tangent(net, z, r, t, *text, drop, dz, dt)
+    torch.set_default_dtype(torch.float32)
+    net = net.float()
+    low = [x.float() if x.is_floating_point() else x for x in (z, dz, r, t, dt, *text)]
+    z, dz, r, t, dt, text = low[0], low[1], low[2], low[3], low[4], low[5:]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, du = velocity_and_tangent(net, z, r, t, *text, drop, dz, dt)
+    assert du.dtype == torch.bfloat16
+    assert ((du.double() - du_ref).norm() / du_ref.norm()).item() < 2e-2
