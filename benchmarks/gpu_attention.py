@@ -4,6 +4,9 @@ attention, its time and memory against the other implementations, and its launch
 from __future__ import annotations
 
 import functools
+import json
+import subprocess
+import sys
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -68,8 +71,8 @@ def run_accuracy(args) -> None:
             low = cast(tensors, dtype)
             ref_out, ref_tangent = forward_ad_math(*cast(low, torch.float64), mask)  # same rounded inputs
             out, d_out = fn(*low, mask)
-            rel = lambda got, ref: ((got.double() - ref).abs().max() / ref.abs().max()).item()  # noqa: E731
-            print(f"| {label} | {name} | {rel(out, ref_out):.2e} | {rel(d_out, ref_tangent):.2e} |", flush=True)
+            errors = _relative_error(out, ref_out), _relative_error(d_out, ref_tangent)
+            print(f"| {label} | {name} | {errors[0]:.2e} | {errors[1]:.2e} |", flush=True)
 
 
 def run_attention(args) -> None:
@@ -93,25 +96,46 @@ def run_attention(args) -> None:
         print(f"| {tokens} | " + " | ".join(cells + speedups) + " |", flush=True)
 
 
-LAUNCHES = [(128, 32, 8, 2), (64, 32, 8, 2), (64, 16, 4, 2), (64, 16, 8, 2), (64, 64, 4, 2), (128, 64, 8, 2),
-            (64, 32, 4, 3), (32, 32, 4, 2)]  # (BLOCK_M, BLOCK_N, warps, stages); the defaults come first
+LAUNCHES = [(128, 32, 8, 2), (64, 16, 4, 2), (64, 32, 4, 2), (64, 64, 4, 2), (128, 64, 8, 2), (128, 32, 4, 2),
+            (64, 16, 8, 2), (64, 32, 4, 3), (32, 32, 4, 2)]  # (BLOCK_M, BLOCK_N, warps, stages)
 
 
 def run_tune(args) -> None:
-    """Kernel launch settings at 4k tokens: what _block_sizes in triton_attention should pick."""
+    """Kernel launch settings at 4k tokens, each timed and checked against float64 forward-AD
+    math attention: what _block_sizes in triton_attention should pick. Each launch runs in its
+    own process, since a launch that faults (an illegal address) poisons its CUDA context."""
+    print(header())
+    print("\n| dtype | head dim | BLOCK_M x BLOCK_N | warps | stages | seconds | max error O | max error dO |"
+          "\n|---|---|---|---|---|---|---|---|")
+    for head_dim in (64, 72):
+        for dtype in ("bfloat16", "float32"):
+            for block_m, block_n, warps, stages in LAUNCHES:
+                spec = dict(head_dim=head_dim, dtype=dtype, launch=[block_m, block_n, warps, stages],
+                            repeats=args.repeats)
+                proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_step", "tune", "--one", json.dumps(spec)],
+                                      capture_output=True, text=True)
+                lines = proc.stdout.strip().splitlines()
+                if proc.returncode == 0 and lines:
+                    cells = " | ".join(f"{x:.2e}" for x in json.loads(lines[-1]))
+                else:  # shared memory or registers that do not fit, or a fault
+                    cells = "fails: " + (proc.stderr.strip().splitlines() or ["no output"])[-1][:100] + " | |"
+                print(f"| {dtype} | {head_dim} | {block_m} x {block_n} | {warps} | {stages} | {cells} |", flush=True)
+
+
+def tune_one(spec: dict) -> None:
+    """The child of run_tune: one launch; prints [seconds, error of O, error of dO]."""
     from emf_dist.triton_attention import jvp_attention
 
-    print(header())
-    print("\n| dtype | head dim | BLOCK_M x BLOCK_N | warps | stages | seconds |\n|---|---|---|---|---|---|")
-    for head_dim in (64, 72):
-        tensors, _ = attention_inputs(1, 16, 4096, 4096, head_dim)
-        for dtype in (torch.bfloat16, torch.float32):
-            low = cast(tensors, dtype)
-            for block_m, block_n, warps, stages in LAUNCHES:
-                work = functools.partial(jvp_attention, *low, None, block_m=block_m, block_n=block_n,
-                                         num_warps=warps, num_stages=stages)
-                try:
-                    cell = f"{cuda_seconds(work, repeats=args.repeats):.2e}"
-                except Exception as error:  # a launch that does not fit (shared memory, registers)
-                    cell = f"fails: {type(error).__name__}"
-                print(f"| {dtype} | {head_dim} | {block_m} x {block_n} | {warps} | {stages} | {cell} |", flush=True)
+    tensors, _ = attention_inputs(1, 16, 4096, 4096, spec["head_dim"])
+    low = cast(tensors, getattr(torch, spec["dtype"]))
+    block_m, block_n, warps, stages = spec["launch"]
+    work = functools.partial(jvp_attention, *low, None, allow_tf32=False, block_m=block_m, block_n=block_n,
+                             num_warps=warps, num_stages=stages)
+    out, d_out = work()
+    ref_out, ref_tangent = forward_ad_math(*cast(low, torch.float64), None)
+    print(json.dumps([cuda_seconds(work, repeats=spec["repeats"]), _relative_error(out, ref_out),
+                      _relative_error(d_out, ref_tangent)]))
+
+
+def _relative_error(got, ref) -> float:
+    return ((got.double() - ref).abs().max() / ref.abs().max()).item()

@@ -8,9 +8,9 @@
     python -m benchmarks.gpu_step compile      # no GPU needed: ptxas's registers / spills for sm_90a
 
 Each prints a markdown table for docs/benchmarks.md, headed by the device, versions, the date
-and the commit it measured. Each part is sized to fit one 10-minute command on a lent H100
-(estimated, not yet run on one); ``step --case B`` / ``--case XL`` split the step part, which
---compile lengthens most.
+and the commit it measured. On an H200 ``accuracy`` and ``attention`` take about a minute each,
+``tune`` a few (a process per launch), ``step --case B`` about two and ``step --case XL`` over
+five (docs/benchmarks.md); --compile lengthens the step most.
 
 Conventions. Times are CUDA-event medians after warm-up; peak memory is the allocator's peak
 minus what was allocated before the call. The step is optimizer step included, bf16 autocast
@@ -34,7 +34,7 @@ from dataclasses import replace
 
 import torch
 
-from benchmarks.gpu_attention import run_accuracy, run_attention, run_tune
+from benchmarks.gpu_attention import run_accuracy, run_attention, run_tune, tune_one
 from benchmarks.gpu_step_cases import CASES, VARIANTS, build, jvp_error, make_step, step_flops
 from benchmarks.gpu_timing import header, require_cuda, time_and_peak
 from benchmarks.ptxas_report import compile_one, run_compile
@@ -92,11 +92,13 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--peak-tflops", type=float, help="step: dense bf16 peak of this device, for MFU")
     parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 72], help="compile: head sizes")
     parser.add_argument("--launch", help="compile: BLOCK_MxBLOCK_NxWARPSxSTAGES instead of the defaults, e.g. 64x32x8x2")
-    parser.add_argument("--one", help=argparse.SUPPRESS)  # compile: the child process's single configuration
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # compile, tune: the child process's single configuration
     args = parser.parse_args(argv)
     if args.part == "compile":
         return compile_one(json.loads(args.one)) if args.one else run_compile(args)
     require_cuda()
+    if args.part == "tune" and args.one:
+        return tune_one(json.loads(args.one))
     {"accuracy": run_accuracy, "attention": run_attention, "tune": run_tune, "step": run_step}[args.part](args)
 
 

@@ -202,17 +202,16 @@ def _check(q, k, v, dq, dk, dv, key_mask):
 def _block_sizes(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps). Two float32 [BLOCK_M, d] accumulators, q and dq and four
     [BLOCK_M, BLOCK_N] tiles live in registers, about twice flash attention's forward. Chosen by
-    compiling for sm_90a without a GPU and reading ptxas's register and spill counts
-    (``python -m benchmarks.gpu_step compile``): bf16 / fp16 at head dim 64 compile without
-    spills, at 72 (padded to 128) with about 200 bytes; 3xTF32 float32 spills about 100 bytes at
-    64 and 1.4 KB at 72 in every setting tried. Not yet timed on a GPU
-    (``python -m benchmarks.gpu_step tune``)."""
+    timing each launch on an H200 (``python -m benchmarks.gpu_step tune``, docs/benchmarks.md):
+    the fastest that compiles at each head size. float32 (3xTF32) never takes BLOCK_M 64 with 8
+    warps: on triton 3.6 for sm_90 that launch faults with an illegal memory access, which ends
+    the process's CUDA context; at head dim 72 a 128 x 32 tile exceeds the shared memory."""
     if INTERPRETED:
         return 16, 16, 4  # small tiles: the interpreter's cost is per element, and tests see several blocks
     wide = _padded_head_dim(head_dim) > 64
     if dtype == torch.float32:
-        return (64, 16, 8) if wide else (64, 16, 4)
-    return (64, 32, 8) if wide else (128, 32, 8)
+        return (64, 16, 4) if wide else (128, 32, 8)
+    return (64, 32, 4) if wide else (64, 64, 4)
 
 
 def _padded_head_dim(head_dim: int) -> int:
