@@ -30,8 +30,17 @@ TINY = ["steps.encoders.config.require_selection=false",
         "steps.benchmark.config.eval.benchmark.prompts_per_task=1",
         "steps.benchmark.config.eval.benchmark.images_per_prompt=2",
         "steps.benchmark.config.eval.benchmark.calibration_scenes=12"]
+
+
+def tiny_steps(step: dict) -> int:
+    """Two steps per distillation round (a round's steps must divide evenly), four otherwise."""
+    rounds = step["config"].get("distill", {}).get("rounds", 1)
+    return 4 if rounds == 1 else 2 * rounds
+
+
 for _step in TRAIN_STEPS:
-    TINY += [f"steps.{_step}.config.steps=4", f"steps.{_step}.config.micro_batch=4",
+    TINY += [f"steps.{_step}.config.steps={tiny_steps(EMF_SPEC['steps'][_step])}",
+             f"steps.{_step}.config.micro_batch=4",
              f"steps.{_step}.config.checkpoint_every=2", f"steps.{_step}.config.logging.sample_every=2",
              f"steps.{_step}.config.logging.every=2",
              f"steps.{_step}.config.logging.wandb={'offline' if _step == 'pretrain' else 'disabled'}"]
