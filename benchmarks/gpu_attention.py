@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import functools
 import json
-import subprocess
-import sys
 
 import torch
 import torch.autograd.forward_ad as fwAD
 
-from benchmarks.gpu_timing import cuda_seconds, header, time_and_peak
+from benchmarks.gpu_timing import cuda_seconds, failure, header, run_one, time_and_peak
 from emf_dist.attention import attention_with_tangent, math_attention
 
 
@@ -112,13 +110,12 @@ def run_tune(args) -> None:
             for block_m, block_n, warps, stages in LAUNCHES:
                 spec = dict(head_dim=head_dim, dtype=dtype, launch=[block_m, block_n, warps, stages],
                             repeats=args.repeats)
-                proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_step", "tune", "--one", json.dumps(spec)],
-                                      capture_output=True, text=True)
+                proc = run_one("tune", spec)
                 lines = proc.stdout.strip().splitlines()
                 if proc.returncode == 0 and lines:
                     cells = " | ".join(f"{x:.2e}" for x in json.loads(lines[-1]))
                 else:  # shared memory or registers that do not fit, or a fault
-                    cells = "fails: " + (proc.stderr.strip().splitlines() or ["no output"])[-1][:100] + " | |"
+                    cells = "fails: " + failure(proc, 100) + " | |"
                 print(f"| {dtype} | {head_dim} | {block_m} x {block_n} | {warps} | {stages} | {cells} |", flush=True)
 
 

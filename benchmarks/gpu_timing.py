@@ -1,9 +1,11 @@
 """What every GPU table of benchmarks.gpu_step shares: the CUDA check, the header that says
-where and when a table was measured, and CUDA-event timing with the allocator's peak."""
+where and when a table was measured, CUDA-event timing with the allocator's peak, and the child
+process that measures one configuration where a failure must not end the table."""
 
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import statistics
 import subprocess
@@ -83,3 +85,15 @@ def time_and_peak(work, repeats: int, warmup: int = 2) -> tuple[float, float] | 
     except torch.cuda.OutOfMemoryError:
         torch.cuda.empty_cache()
         return None
+
+
+def run_one(part: str, spec: dict, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``python -m benchmarks.gpu_step PART --one SPEC`` in its own process: an LLVM abort or a
+    CUDA fault there ends that process, not the table."""
+    return subprocess.run([sys.executable, "-m", "benchmarks.gpu_step", part, "--one", json.dumps(spec)],
+                          capture_output=True, text=True, env=env)
+
+
+def failure(proc: subprocess.CompletedProcess, width: int) -> str:
+    """The failed child's last line of stderr (its exception), cut to ``width`` for a table cell."""
+    return (proc.stderr.strip().splitlines() or ["no output"])[-1][:width]

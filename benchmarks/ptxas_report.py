@@ -6,13 +6,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
-import sys
 import tempfile
 
 import torch
 
-from benchmarks.gpu_timing import command, provenance
+from benchmarks.gpu_timing import command, failure, provenance, run_one
 
 
 def run_compile(args) -> None:
@@ -27,11 +25,10 @@ def run_compile(args) -> None:
             spec = dict(precision=precision, head_dim=head_dim, launch=args.launch)
             with tempfile.TemporaryDirectory() as cache:  # a cached kernel would skip ptxas and its report
                 env = dict(os.environ, TRITON_CACHE_DIR=cache, TRITON_DUMP_PTXAS_LOG="1")
-                proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_step", "compile", "--one", json.dumps(spec)],
-                                      capture_output=True, text=True, env=env)
+                proc = run_one("compile", spec, env)
             result = _ptxas_report(proc.stdout) if proc.returncode == 0 else None
             if result is None:
-                reason = (proc.stderr.strip().splitlines() or ["no output"])[-1][:150]
+                reason = failure(proc, 150)
                 print(f"| {precision} | {head_dim} | {args.launch or 'default'} | compile failed: {reason} | | |")
                 continue
             print(f"| {precision} | {head_dim} | {result['launch']} | {result['registers']} | {result['spill']} | "
