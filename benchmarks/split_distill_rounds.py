@@ -1,8 +1,8 @@
 """Rounds of one-step distillation (emf_dist/split_distill.py) from one MeanFlow export, each scored.
 
     python -m benchmarks.split_distill_rounds --demo DEMO_DIR --start MF_EXPORT --name NAME
-        [--rounds 3] [--steps 300] [--teacher-steps 4] [--guidance 1.0] [--lr 5e-4] [--adaptive-p 0.5]
-        [--images-per-prompt 16]
+        [--rounds 3] [--steps 300] [--teacher-steps 4] [--guidance 1.0] [--lr 5e-4] [--decay constant] [--adaptive-p 0.5]
+        [--images-per-prompt 16] [--ranks 1] [--seed 0]
 
 Round i starts from round i-1's EMA weights, which are also its frozen teacher (round 1: the
 export given). Each round is the spec's distill step in one process (batch 64, fresh AdamW and
@@ -36,8 +36,12 @@ def main() -> None:
     parser.add_argument("--teacher-steps", type=int, default=4)
     parser.add_argument("--guidance", type=float, default=1.0, help="the first round's teacher CFG scale over its k steps")
     parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--decay", choices=("constant", "cosine", "linear"), default="constant",
+                        help="each round's learning rate after its warm-up (optim.decay)")
     parser.add_argument("--adaptive-p", type=float, default=0.5, help="the loss weight 1/(err^2 + c)^p (0: plain MSE)")
     parser.add_argument("--images-per-prompt", type=int, default=16)
+    parser.add_argument("--ranks", type=int, default=1, help="simulated ranks, each drawing batch 64 / ranks rows")
+    parser.add_argument("--seed", type=int, default=0, help="round i is seeded seed + i")
     args = parser.parse_args()
     torch.set_num_threads(len(os.sched_getaffinity(0)))  # the cores `taskset` leaves this process
 
@@ -48,8 +52,9 @@ def main() -> None:
     for round_number in range(1, args.rounds + 1):
         teacher = copy.deepcopy(model).eval().requires_grad_(False)
         model.requires_grad_(True)
-        run = TrainConfig(steps=args.steps, micro_batch=64, seed=round_number, scaling=ScalingOptions(num_workers=1),
-                          optim=OptimConfig(lr=args.lr, warmup_steps=50))
+        run = TrainConfig(steps=args.steps, micro_batch=64 // args.ranks, seed=args.seed + round_number,
+                          scaling=ScalingOptions(num_workers=args.ranks),
+                          optim=OptimConfig(lr=args.lr, warmup_steps=50, decay=args.decay))
         objective = SplitDistillLoss(objective_cfg.round(round_number - 1), teacher)
         result = train_local(model, objective, data, run, log_every=100)
         result["ema"].copy_to(model)

@@ -294,7 +294,10 @@ def split_target(net: nn.Module, z, r, t, split_points, text: tuple, drop) -> to
     s_j = t - f_j (t - r), ``split_points`` [B, k - 1] holding the fractions f_j in (0, 1)."""
     fractions = split_points.sort(dim=1).values.T  # [k - 1, B], ascending: the cut points run from t down to r
     cuts = t - fractions * (t - r)
-    return split_average_velocity(net, z, torch.cat([t[None], cuts, r[None]]), *text, drop)
+    # Through net's forward at every sub-interval, not samplers.conditioned: under ZeRO-3 the forward is
+    # what gathers the weights.
+    velocity_of = lambda z, r, t: net(z, r, t, *text, drop)  # noqa: E731
+    return split_average_velocity(velocity_of, z, torch.cat([t[None], cuts, r[None]]))
 
 
 def guided_velocity(net: nn.Module, z, t, v, text: tuple, drop, cfg: MeanFlowConfig) -> torch.Tensor:

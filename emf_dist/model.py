@@ -134,11 +134,14 @@ class Attention(nn.Module):
         self.kv = nn.Linear(width, 2 * width)
         self.out = nn.Linear(width, width)
 
-    def forward(self, x, context=None, key_mask=None):
-        context = x if context is None else context
+    def forward(self, x, context=None, key_mask=None, keys_values=None):
+        """Self-attention, or cross-attention to ``context``; ``keys_values``: self.kv(context) already
+        computed (a sampler's steps share the text's)."""
+        if keys_values is None:
+            keys_values = self.kv(x if context is None else context)
         batch, n, width = x.shape
         q = self.q(x).view(batch, n, self.heads, -1).transpose(1, 2)
-        k, v = self.kv(context).view(batch, context.shape[1], 2, self.heads, -1).permute(2, 0, 3, 1, 4)
+        k, v = keys_values.view(batch, keys_values.shape[1], 2, self.heads, -1).permute(2, 0, 3, 1, 4)
         y = attention(q, k, v, key_mask)
         return self.out(y.transpose(1, 2).reshape(batch, n, width))
 
@@ -157,10 +160,11 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, width))
         self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
 
-    def forward(self, x, c, text, text_mask):
+    def forward(self, x, c, text_keys_values, text_mask):
+        """``text_keys_values``: self.cross_attn.kv of the projected text tokens (TextContext)."""
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN(c).chunk(6, dim=-1)
         x = x + gate1[:, None] * self.self_attn(modulate(self.norm1(x), shift1, scale1))
-        x = x + self.cross_attn(self.norm2(x), text, text_mask)
+        x = x + self.cross_attn(self.norm2(x), key_mask=text_mask, keys_values=text_keys_values)
         return x + gate2[:, None] * self.mlp(modulate(self.norm3(x), shift2, scale2))
 
 
@@ -174,6 +178,15 @@ class FinalLayer(nn.Module):
     def forward(self, x, c):
         shift, scale = self.adaLN(c).chunk(2, dim=-1)
         return self.linear(modulate(self.norm(x), shift, scale))
+
+
+@dataclass
+class TextContext:
+    """What a forward computes from the text alone: the same at every step a sampler takes over one
+    batch, so a k-step sampler computes it once (VelocityNet.text_context) instead of k times."""
+    pooled: torch.Tensor  # pooled_proj of the pooled text [B, width]
+    mask: torch.Tensor  # [B, L] bool, after text dropout
+    keys_values: list[torch.Tensor]  # each block's cross-attention kv of the projected tokens [B, L, 2 width]
 
 
 class VelocityNet(nn.Module):
@@ -219,15 +232,15 @@ class VelocityNet(nn.Module):
         return self.cfg.depth - self.cfg.decoder_depth
 
     def condition(self, r: torch.Tensor, t: torch.Tensor, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(the encoder's condition, the decoder's): one and the same but for the decoupled embedding."""
+        """(the encoder's condition, the decoder's): one and the same but for the decoupled embedding.
+        ``pooled``: the projected pooled text (TextContext.pooled)."""
         if self.cfg.time_embedding == "decoupled":
-            pooled = self.pooled_proj(pooled)
             return self.t_embedder(t) + pooled, self.t_embedder(r) + pooled
         if self.cfg.time_embedding == "dual":
             c = self.t_end_embedder(t) + self.t_interval_embedder(t - r)
         else:
             c = self.t_embedder(t)
-        c = c + self.pooled_proj(pooled)
+        c = c + pooled
         return c, c
 
     def forward(self, z, r, t, text_tokens, text_mask, text_pooled, drop_text=None, tangent=None):
@@ -238,20 +251,29 @@ class VelocityNet(nn.Module):
         rows' u along (dz, 0, dt) without gradients: MeanFlow's fused step (emf_dist/model_jvp.py)."""
         if tangent is not None:
             return velocity_and_tangent(self, z, r, t, text_tokens, text_mask, text_pooled, drop_text, *tangent)
+        return self.velocity(z, r, t, self.text_context(text_tokens, text_mask, text_pooled, drop_text, z.dtype))
+
+    def text_context(self, text_tokens, text_mask, text_pooled, drop_text=None, dtype=torch.float32) -> TextContext:
+        """The text's share of a forward, in ``dtype`` (the input's). Called outside forward, it reads the
+        null condition's parameters directly: under ZeRO-3 only where every parameter is gathered."""
         # Text is stored in float16; compute it in the input's precision (float32 in the JVP pass).
-        text_tokens, text_pooled = text_tokens.to(z.dtype), text_pooled.to(z.dtype)
+        text_tokens, text_pooled = text_tokens.to(dtype), text_pooled.to(dtype)
         if drop_text is not None:
             text_tokens, text_mask, text_pooled = self.drop_text(text_tokens, text_mask, text_pooled, drop_text)
-        x = self.patch_embed(z).flatten(2).transpose(1, 2) + self.pos_embed.to(z.dtype)
-        c_encoder, c_decoder = self.condition(r, t, text_pooled)
         text = self.text_proj(text_tokens)
+        return TextContext(self.pooled_proj(text_pooled), text_mask, [block.cross_attn.kv(text) for block in self.blocks])
+
+    def velocity(self, z, r, t, text: TextContext) -> torch.Tensor:
+        """forward's u, given the text's share (text_context)."""
+        x = self.patch_embed(z).flatten(2).transpose(1, 2) + self.pos_embed.to(z.dtype)
+        c_encoder, c_decoder = self.condition(r, t, text.pooled)
         use_checkpoint = self.cfg.checkpointing and torch.is_grad_enabled()
         for index, block in enumerate(self.blocks):
             c = c_decoder if index >= self.first_decoder_block else c_encoder
             if use_checkpoint:
-                x = checkpoint(block, x, c, text, text_mask, use_reentrant=False)
+                x = checkpoint(block, x, c, text.keys_values[index], text.mask, use_reentrant=False)
             else:
-                x = block(x, c, text, text_mask)
+                x = block(x, c, text.keys_values[index], text.mask)
         out = self.unpatchify(self.final(x, c_decoder))
         if self.cfg.prediction == "data":
             return (z - out) / t.clamp(min=self.cfg.data_min_t).view(-1, 1, 1, 1).to(z.dtype)

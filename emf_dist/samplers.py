@@ -10,12 +10,21 @@ is Euler's method on the probability-flow ODE. One step of MeanFlow: x = z_1 - u
 Classifier-free guidance at sampling costs a second evaluation per step:
 u = u_uncond + scale (u_cond - u_uncond); a model trained with guidance folded into its
 target (MeanFlowConfig.guidance_w) needs scale 1.
+
+The text is the same at every step, so the steps evaluate ``conditioned``: for our DiT the text's
+share of a forward (its projections, each block's cross-attention keys and values) is computed once
+per batch instead of once per step; any other backbone is called whole at every step.
 """
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn as nn
+
+# u = velocity_of(z, r, t): a network's prediction with its text bound
+VelocityOf = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @torch.no_grad()
@@ -28,23 +37,39 @@ def sample(net: nn.Module, noise: torch.Tensor, text_tokens, text_mask, text_poo
         raise ValueError(f"steps must be >= 1, got {steps}")
     batch = noise.shape[0]
     times = torch.linspace(1.0, 0.0, steps + 1, device=noise.device)
+    velocity_of = conditioned(net, text_tokens, text_mask, text_pooled, guidance_scale, drop_text, noise.dtype)
     z = noise
     for t_now, t_next in zip(times[:-1], times[1:]):
         t = t_now.expand(batch)
         r = t_next.expand(batch) if mean_flow else t
-        u = velocity(net, z, r, t, text_tokens, text_mask, text_pooled, guidance_scale, drop_text)
-        z = z - (t_now - t_next) * u
+        z = z - (t_now - t_next) * velocity_of(z, r, t)
     return z
 
 
-def velocity(net, z, r, t, text_tokens, text_mask, text_pooled, guidance_scale: float = 1.0,
-             drop_text: torch.Tensor | None = None) -> torch.Tensor:
-    """The network's (guided) prediction; rows in ``drop_text`` take the null condition and no guidance."""
+def conditioned(net, text_tokens, text_mask, text_pooled, guidance_scale: float = 1.0,
+                drop_text: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> VelocityOf:
+    """The network's (guided) prediction as a function of (z, r, t), its text bound; rows in ``drop_text``
+    take the null condition and no guidance. ``dtype``: the inputs' z. Our DiT's text share is computed
+    here, once, reading every parameter directly: a ZeRO-3-partitioned model needs its weights gathered."""
     if guidance_scale == 1.0:
-        return net(z, r, t, text_tokens, text_mask, text_pooled, drop_text)
-    u_cond, u_uncond = cond_and_uncond(net, z, r, t, text_tokens, text_mask, text_pooled)
-    guided = u_uncond + guidance_scale * (u_cond - u_uncond)
-    return guided if drop_text is None else torch.where(drop_text.view(-1, 1, 1, 1), u_uncond, guided)
+        return _text_bound(net, text_tokens, text_mask, text_pooled, drop_text, dtype)
+    batch = text_tokens.shape[0]
+    both = lambda x: torch.cat([x, x])  # noqa: E731
+    drop = torch.arange(2 * batch, device=text_tokens.device) >= batch
+    velocity_of = _text_bound(net, both(text_tokens), both(text_mask), both(text_pooled), drop, dtype)
+
+    def guided_velocity(z, r, t):
+        u_cond, u_uncond = velocity_of(both(z), both(r), both(t)).chunk(2)
+        guided = u_uncond + guidance_scale * (u_cond - u_uncond)
+        return guided if drop_text is None else torch.where(drop_text.view(-1, 1, 1, 1), u_uncond, guided)
+    return guided_velocity
+
+
+def _text_bound(net, text_tokens, text_mask, text_pooled, drop_text, dtype) -> VelocityOf:
+    if not hasattr(net, "text_context"):  # a backbone that takes its text whole at every call
+        return lambda z, r, t: net(z, r, t, text_tokens, text_mask, text_pooled, drop_text)
+    text = net.text_context(text_tokens, text_mask, text_pooled, drop_text, dtype)
+    return lambda z, r, t: net.velocity(z, r, t, text)
 
 
 def cond_and_uncond(net, z, r, t, text_tokens, text_mask, text_pooled) -> tuple[torch.Tensor, torch.Tensor]:

@@ -33,25 +33,24 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn as nn
 
-from emf_dist.samplers import velocity
+from emf_dist.samplers import VelocityOf, conditioned
 
 
 @torch.no_grad()
-def split_average_velocity(net: nn.Module, z: torch.Tensor, times: torch.Tensor, text_tokens, text_mask,
-                           text_pooled, drop: torch.Tensor | None = None, guidance: float = 1.0) -> torch.Tensor:
-    """The average velocity of ``net``'s flow over [times[-1], times[0]] (per row), split at the times between.
+def split_average_velocity(velocity_of: VelocityOf, z: torch.Tensor, times: torch.Tensor) -> torch.Tensor:
+    """The average velocity of a flow over [times[-1], times[0]] (per row), split at the times between.
 
-    ``times`` [k + 1, B] runs down, t_0 > t_1 > ... > t_k, per row; from ``z`` = z_{t_0} it takes net's
+    ``velocity_of(z, r, t)``: a MeanFlow network's prediction, its text bound (emf_dist.samplers.conditioned).
+    ``times`` [k + 1, B] runs down, t_0 > t_1 > ... > t_k, per row; from ``z`` = z_{t_0} it takes the
     MeanFlow steps z_{i+1} = z_i - (t_i - t_{i+1}) u_i, u_i = u(z_i, t_{i+1}, t_i), and returns their
     length-weighted mean sum_i (t_i - t_{i+1}) u_i / (t_0 - t_k): for an exact average-velocity field
     this is u(z_{t_0}, t_k, t_0) whatever the split (SplitMeanFlow's interval splitting consistency).
     The weighted sum rather than (z_0 - z_k) / (t_0 - t_k) keeps short intervals exact in low precision.
-    ``drop`` [B] bool: rows evaluated at the null condition, at every step; the others with classifier-free
-    guidance scale ``guidance`` (1: none, one evaluation per step). No gradients."""
+    No gradients."""
     expand = lambda s: s.view(-1, 1, 1, 1).to(z.dtype)  # noqa: E731
     total = torch.zeros_like(z)
     for t_now, t_next in zip(times[:-1], times[1:]):
-        u = velocity(net, z, t_next, t_now, text_tokens, text_mask, text_pooled, guidance, drop)
+        u = velocity_of(z, t_next, t_now)
         total = total + expand(t_now - t_next) * u
         z = z - expand(t_now - t_next) * u
     return total / expand(times[0] - times[-1])
@@ -107,7 +106,9 @@ class SplitDistillLoss:
         drop = torch.rand(batch, generator=generator, device=device) < cfg.text_drop
         noise = torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype)
         times = torch.linspace(1.0, 0.0, cfg.teacher_steps + 1, device=device)[:, None].expand(-1, batch)
-        target = split_average_velocity(self.teacher, noise, times, *text, drop, cfg.guidance)  # z_1 - x_k
+        # The teacher's k steps share its text (conditioned): for our DiT it is projected once, not k times.
+        teacher = conditioned(self.teacher, *text, cfg.guidance, drop, noise.dtype)
+        target = split_average_velocity(teacher, noise, times)  # z_1 - x_k
 
         u = model(noise, torch.zeros(batch, device=device), torch.ones(batch, device=device), *text, drop)
         precision = torch.promote_types(u.dtype, torch.float32)  # reduce bf16 outputs in float32

@@ -77,7 +77,7 @@ def test_the_decoupled_conversion_is_the_parent_read_as_encoder_and_decoder(pred
         one(z, r, t, *text)
         for hook in hooks:
             hook.remove()
-        c_t, c_r = one.condition(r, t, text[2])
+        c_t, c_r = one.condition(r, t, one.text_context(*text).pooled)
         assert [torch.equal(c, c_t) for c in seen] == [True, True, False] and torch.equal(seen[2], c_r)
     if prediction == "velocity":
         whole = meanflow_from_flow_matching(fm_cfg, fm.state_dict(), "decoupled", decoder_depth=3)
@@ -153,6 +153,33 @@ def test_cfg_sampling_combines_conditional_and_unconditional():
     mixed = sample(net, noise, *text, steps=1, guidance_scale=3.0, drop_text=torch.tensor([True, False]))
     torch.testing.assert_close(mixed[0], noise[0] - uncond[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(mixed[1], out[1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("time_embedding", ["dual", "decoupled"])
+def test_samplers_with_the_text_projected_once_equal_whole_forwards_at_every_step(time_embedding):
+    """sample() computes the DiT's text share once per batch; each step must still be the whole
+    forward's u, to the bit, with guidance and dropped rows, for every time embedding."""
+    cfg = tiny_config(time_embedding=time_embedding, decoder_depth=1 if time_embedding == "decoupled" else 0)
+    net = randomised(VelocityNet(cfg))
+    noise = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    text = random_text(3, 5, cfg.text_dim, dtype=torch.float16)  # stored text is float16
+    drop = torch.tensor([False, True, False])
+
+    def whole_forwards(steps, scale):
+        z, times = noise, torch.linspace(1.0, 0.0, steps + 1)
+        with torch.no_grad():
+            for t_now, t_next in zip(times[:-1], times[1:]):
+                t, r = t_now.expand(3), t_next.expand(3)
+                u_cond, u_drop = net(z, r, t, *text), net(z, r, t, *text, torch.ones(3, dtype=torch.bool))
+                u = u_cond if scale == 1.0 else u_drop + scale * (u_cond - u_drop)
+                z = z - (t_now - t_next) * torch.where(drop.view(-1, 1, 1, 1), u_drop, u)
+        return z
+
+    for steps in (1, 4):
+        assert torch.equal(sample(net, noise, *text, steps=steps, drop_text=drop), whole_forwards(steps, 1.0))
+    # Guided, the sampler runs both halves in one doubled batch: equal up to the batch's summation order.
+    torch.testing.assert_close(sample(net, noise, *text, steps=3, guidance_scale=2.5, drop_text=drop),
+                               whole_forwards(3, 2.5), rtol=1e-6, atol=1e-6)
 
 
 def test_ema_tracks_and_round_trips():
