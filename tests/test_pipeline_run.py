@@ -140,7 +140,7 @@ def test_packaged_specs_load_and_copy_no_secret_into_the_record(tmp_path, monkey
     assert list(emf.steps) == ["encoders", "prep", "pretrain", "finetune", "distill", "benchmark"]
     assert emf.steps["finetune"].config["init_from"] == "${steps.pretrain.export}"
     assert emf.steps["distill"].config["init_from"] == "${steps.finetune.export}"
-    assert emf.steps["distill"].config["distill"]["rounds"] == 3  # the rounds run in one worker group
+    assert emf.steps["distill"].config["distill"]["rounds"] == 2  # the rounds run in one worker group
     assert emf.steps["benchmark"].config["model"] == "${steps.distill.export}"
     assert list(load_spec("retrain").steps) == ["finetune", "distill", "benchmark", "benchmark_promoted"]
     spec = load_spec(write_spec(tmp_path / "spec.json", {"a": {"kind": "command", "config": {"argv": ["true"]}}}))
