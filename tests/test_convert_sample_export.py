@@ -158,7 +158,7 @@ def test_cfg_sampling_combines_conditional_and_unconditional():
 @pytest.mark.parametrize("time_embedding", ["dual", "decoupled"])
 def test_samplers_with_the_text_projected_once_equal_whole_forwards_at_every_step(time_embedding):
     """sample() computes the DiT's text share once per batch; each step must still be the whole
-    forward's u, to the bit, with guidance and dropped rows, for every time embedding."""
+    forward's u, with dropped rows, for every time embedding: to the bit unguided, to rounding guided."""
     cfg = tiny_config(time_embedding=time_embedding, decoder_depth=1 if time_embedding == "decoupled" else 0)
     net = randomised(VelocityNet(cfg))
     noise = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(1))
