@@ -26,13 +26,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from benchmarks.demo_step_vs_batch import MODEL, TEXT_TOKENS
+from benchmarks.measure import random_batch_step, time_and_peak
 from emf_dist.ema import EMA
 from emf_dist.meanflow import MeanFlowConfig, MeanFlowLoss
 from emf_dist.model import VelocityNet
 from emf_dist.split_distill import SplitDistillConfig, SplitDistillLoss
 from emf_dist.train.config import TrainConfig, ZeroConfig
 from emf_dist.train.engine import build_engine
-from emf_dist.train.setup import build_optimizer
 
 BATCH = 32
 
@@ -55,18 +55,10 @@ def _inputs(seed: int):
 
 def _bare(rank: int, objective_name: str, steps: int, out) -> None:
     torch.set_num_threads(1)
-    torch.manual_seed(0)
+    torch.manual_seed(rank)
     model, objective = VelocityNet(MODEL), _objective(objective_name)
-    _, optimizer, _ = build_optimizer(model, TrainConfig().optim, steps)
-    batch, times = _inputs(rank), []
-    for _ in range(steps + 3):
-        start = time.perf_counter()
-        loss, _ = objective(model, *batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        times.append(time.perf_counter() - start)
-    out.put(statistics.median(times[3:]))
+    timed = time_and_peak(lambda: random_batch_step(model, objective, BATCH, TEXT_TOKENS), steps, warmup=3)
+    out.put(timed["seconds"])
 
 
 def _ranks(rank: int, world: int, port: int, stage: int, objective_name: str, steps: int, out) -> None:

@@ -18,7 +18,7 @@ per batch instead of once per step; any other backbone is called whole at every 
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -53,13 +53,10 @@ def conditioned(net, text_tokens, text_mask, text_pooled, guidance_scale: float 
     here, once, reading every parameter directly: a ZeRO-3-partitioned model needs its weights gathered."""
     if guidance_scale == 1.0:
         return _text_bound(net, text_tokens, text_mask, text_pooled, drop_text, dtype)
-    batch = text_tokens.shape[0]
-    both = lambda x: torch.cat([x, x])  # noqa: E731
-    drop = torch.arange(2 * batch, device=text_tokens.device) >= batch
-    velocity_of = _text_bound(net, both(text_tokens), both(text_mask), both(text_pooled), drop, dtype)
+    velocity_of = _text_bound(net, *_cond_and_uncond_text(text_tokens, text_mask, text_pooled), dtype)
 
     def guided_velocity(z, r, t):
-        u_cond, u_uncond = velocity_of(both(z), both(r), both(t)).chunk(2)
+        u_cond, u_uncond = velocity_of(_both(z), _both(r), _both(t)).chunk(2)
         guided = u_uncond + guidance_scale * (u_cond - u_uncond)
         return guided if drop_text is None else torch.where(drop_text.view(-1, 1, 1, 1), u_uncond, guided)
     return guided_velocity
@@ -74,8 +71,16 @@ def _text_bound(net, text_tokens, text_mask, text_pooled, drop_text, dtype) -> V
 
 def cond_and_uncond(net, z, r, t, text_tokens, text_mask, text_pooled) -> tuple[torch.Tensor, torch.Tensor]:
     """The network's conditional and unconditional predictions, in one doubled batch."""
-    batch = z.shape[0]
-    both = lambda x: torch.cat([x, x])  # noqa: E731
-    drop = torch.arange(2 * batch, device=z.device) >= batch
-    u = net(both(z), both(r), both(t), both(text_tokens), both(text_mask), both(text_pooled), drop)
+    u = net(_both(z), _both(r), _both(t), *_cond_and_uncond_text(text_tokens, text_mask, text_pooled))
     return u.chunk(2)
+
+
+def _both(x: torch.Tensor) -> torch.Tensor:
+    return torch.cat([x, x])
+
+
+def _cond_and_uncond_text(text_tokens, text_mask, text_pooled) -> tuple[torch.Tensor, ...]:
+    """The text twice over and the drop flags of the doubled batch: its second half takes the null condition."""
+    batch = text_tokens.shape[0]
+    drop = torch.arange(2 * batch, device=text_tokens.device) >= batch
+    return _both(text_tokens), _both(text_mask), _both(text_pooled), drop
