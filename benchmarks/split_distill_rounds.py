@@ -2,10 +2,10 @@
 
     python -m benchmarks.split_distill_rounds --demo DEMO_DIR --start MF_EXPORT --name NAME
         [--rounds 3] [--steps 300] [--teacher-steps 4] [--guidance 1.0] [--lr 5e-4] [--decay constant] [--adaptive-p 0.5]
-        [--images-per-prompt 16] [--ranks 1] [--seed 0]
+        [--images-per-prompt 16] [--batch 64] [--ranks 1] [--seed 0]
 
 Round i starts from round i-1's EMA weights, which are also its frozen teacher (round 1: the
-export given). Each round is the spec's distill step in one process (batch 64, fresh AdamW and
+export given). Each round is the spec's distill step in one process (global batch 64 unless --batch, fresh AdamW and
 EMA, the demo's shards decoded into memory; seed i, as the spec's distill_i), so rounds, round
 length and the teacher's step count can be compared without the distributed trainer. Prints
 MeanFlow's overall accuracy at 1 / 2 / 4 steps after every round and writes each round's model
@@ -40,7 +40,8 @@ def main() -> None:
                         help="each round's learning rate after its warm-up (optim.decay)")
     parser.add_argument("--adaptive-p", type=float, default=0.5, help="the loss weight 1/(err^2 + c)^p (0: plain MSE)")
     parser.add_argument("--images-per-prompt", type=int, default=16)
-    parser.add_argument("--ranks", type=int, default=1, help="simulated ranks, each drawing batch 64 / ranks rows")
+    parser.add_argument("--batch", type=int, default=64, help="the global batch (the spec's: 2 workers x 32)")
+    parser.add_argument("--ranks", type=int, default=1, help="simulated ranks, each drawing batch / ranks rows")
     parser.add_argument("--seed", type=int, default=0, help="round i is seeded seed + i")
     args = parser.parse_args()
     torch.set_num_threads(len(os.sched_getaffinity(0)))  # the cores `taskset` leaves this process
@@ -52,7 +53,7 @@ def main() -> None:
     for round_number in range(1, args.rounds + 1):
         teacher = copy.deepcopy(model).eval().requires_grad_(False)
         model.requires_grad_(True)
-        run = TrainConfig(steps=args.steps, micro_batch=64 // args.ranks, seed=args.seed + round_number,
+        run = TrainConfig(steps=args.steps, micro_batch=args.batch // args.ranks, seed=args.seed + round_number,
                           scaling=ScalingOptions(num_workers=args.ranks),
                           optim=OptimConfig(lr=args.lr, warmup_steps=50, decay=args.decay))
         objective = SplitDistillLoss(objective_cfg.round(round_number - 1), teacher)
