@@ -44,6 +44,8 @@ def main() -> None:
     parser.add_argument("--ranks", type=int, default=1, help="simulated ranks, each drawing batch / ranks rows")
     parser.add_argument("--seed", type=int, default=0, help="round i is seeded seed + i")
     args = parser.parse_args()
+    if args.batch % args.ranks:
+        parser.error(f"--batch {args.batch} does not split into --ranks {args.ranks} equal micro-batches")
     torch.set_num_threads(len(os.sched_getaffinity(0)))  # the cores `taskset` leaves this process
 
     data = load_shards(os.path.join(args.demo, "steps", "prep"))
