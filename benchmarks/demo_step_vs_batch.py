@@ -8,7 +8,7 @@ AdamW, random inputs of the shards' shapes; flow matching, and the spec's MeanFl
 freezing, `objective.velocity: teacher`, `split_share: 0.5`, 70% r != t, the middle of its schedule)
 as the fused step (`objective.jvp: auto`) and as the two-pass step (`explicit`), and the distill
 step's rounds (`emf_dist/split_distill.py`, every parameter trainable) with 4 and 8 teacher steps,
-side by side. One thread by default, as in a 1-CPU Ray Train worker. Compare with the steps/s the demo's progress
+and with 4 plus the adversarial critic (`distill.adversarial`, emf_dist/critic.py), side by side. One thread by default, as in a 1-CPU Ray Train worker. Compare with the steps/s the demo's progress
 lines report (docs/benchmarks.md, "The main job").
 """
 from __future__ import annotations
@@ -20,6 +20,7 @@ import torch
 
 from benchmarks.measure import random_batch_step, time_and_peak
 from emf_dist.convert import freeze_for_emf_finetune, meanflow_from_flow_matching
+from emf_dist.critic import SceneCritic
 from emf_dist.meanflow import MeanFlowConfig, MeanFlowLoss
 from emf_dist.model import ModelConfig, VelocityNet
 from emf_dist.split_distill import SplitDistillConfig, SplitDistillLoss
@@ -54,13 +55,16 @@ def main() -> None:
     distilled = meanflow_from_flow_matching(MODEL, parent.state_dict())
     frozen = meanflow_from_flow_matching(MODEL, parent.state_dict()).eval().requires_grad_(False)
     distill = {k: SplitDistillLoss(SplitDistillConfig(teacher_steps=k), frozen) for k in (4, 8)}
+    critic = SceneCritic(MODEL.in_channels, MODEL.input_size, MODEL.text_dim)
+    adversarial = SplitDistillLoss(SplitDistillConfig(teacher_steps=4, adversarial=0.05), frozen, critic)
     print(f"bare step, {args.threads} thread(s), median of {args.steps} steps:")
     for batch in args.batches:
         print(f"  batch {batch:4d}: flow matching {step_ms(parent, flow_matching, batch, args.steps):7.1f} ms   "
               f"MeanFlow fine-tune, fused {step_ms(student, fused, batch, args.steps):7.1f} ms   "
               f"two-pass {step_ms(student, two_pass, batch, args.steps):7.1f} ms   distill, teacher 4 / 8 steps "
               f"{step_ms(distilled, distill[4], batch, args.steps):7.1f} / "
-              f"{step_ms(distilled, distill[8], batch, args.steps):7.1f} ms", flush=True)
+              f"{step_ms(distilled, distill[8], batch, args.steps):7.1f} ms   with the critic, teacher 4 steps "
+              f"{step_ms(distilled, adversarial, batch, args.steps):7.1f} ms", flush=True)
 
 
 if __name__ == "__main__":

@@ -89,7 +89,9 @@ def random_batch_step(model, objective, batch: int, text_tokens: int = 16, gener
     x = torch.randn(batch, cfg.in_channels, cfg.input_size, cfg.input_size)
     tokens, pooled = torch.randn(batch, text_tokens, cfg.text_dim), torch.randn(batch, cfg.text_dim)
     mask = torch.ones(batch, text_tokens, dtype=torch.bool)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    critic = getattr(objective, "critic", None)  # adversarial distillation's, stepped with the model here
+    trained = [p for p in model.parameters() if p.requires_grad] + (list(critic.parameters()) if critic else [])
+    optimizer = torch.optim.AdamW(trained, lr=1e-4)
 
     def step() -> None:
         loss, _ = objective(model, x, tokens, mask, pooled, generator=generator)

@@ -12,12 +12,15 @@ model (the teacher) samples in k steps and the student's 1-step query regresses 
 
     loss = adaptive-weighted || u(z_1, 0, 1) - sg(z_1 - x_k(z_1)) ||^2,   z_1 ~ N(0, I)
 
-Only captions are needed (the images of the batch are not used). Every row is the 1-step
+Only captions are needed (the images of the batch are used only by the critic below). Every row is the 1-step
 query; the other intervals are not trained. With ``guidance`` w != 1 the teacher takes its k
 steps with classifier-free guidance, u_uncond + w (u_cond - u_uncond), so the student's 1-step
 query learns the guided k-step sample at one evaluation (guidance distillation, as SANA-Sprint
 and rCM distil a guided teacher); rows whose text is dropped stay unguided, so the null
-condition keeps its meaning. A fixed teacher saturates, so training runs in
+condition keeps its meaning. With ``adversarial`` lambda > 0 a small critic (emf_dist/critic.py) also
+judges the 1-step samples against the batch's images, and the student adds lambda times its hinge
+term (adversarial distillation, as ADD and SANA-Sprint's LADD): it penalises the blends the regression
+settles on. A fixed teacher saturates, so training runs in
 rounds, each round's result the next round's teacher (``SplitDistillConfig.rounds``; what rounds do
 to 1, 2 and 4 steps on the demo recipe: docs/benchmarks.md).
 
@@ -33,6 +36,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn as nn
 
+from emf_dist.critic import SceneCritic, critic_loss, generator_loss
 from emf_dist.samplers import VelocityOf, conditioned
 
 
@@ -71,6 +75,11 @@ class SplitDistillConfig:
     # and teacher (a fixed teacher saturates). Each round is the run a one-round config would make,
     # seeded seed + round (TrainConfig.distill_round), so R rounds equal R chained runs.
     rounds: int = 1
+    # The weight lambda of the critic's term in the student's loss (0: no critic), the critic's width
+    # (channels of its first convolution) and its Adam learning rate. The critic persists across rounds.
+    adversarial: float = 0.0
+    critic_width: int = 16
+    critic_lr: float = 2e-4
 
     def round(self, index: int) -> SplitDistillConfig:
         """Round ``index`` (from 0) as a one-round objective: guided in the first round only."""
@@ -87,6 +96,9 @@ class SplitDistillConfig:
             problems.append(f"guidance must be > 0 (1 = no guidance), got {self.guidance}")
         if self.rounds < 1:
             problems.append(f"rounds must be >= 1, got {self.rounds}")
+        if self.adversarial < 0 or self.critic_width < 1 or self.critic_lr <= 0:
+            problems.append(f"need adversarial >= 0, critic_width >= 1 and critic_lr > 0, got {self.adversarial}, "
+                            f"{self.critic_width}, {self.critic_lr}")
         if self.adaptive_p < 0 or self.adaptive_c <= 0:
             problems.append(f"need adaptive_p >= 0 and adaptive_c > 0, got {self.adaptive_p}, {self.adaptive_c}")
         return problems
@@ -94,10 +106,15 @@ class SplitDistillConfig:
 
 class SplitDistillLoss:
     """Callable objective with MeanFlowLoss's signature: ``loss, stats = objective(model, x, tokens, mask,
-    pooled, progress)``. ``teacher`` is a frozen MeanFlow model (the student's starting weights)."""
+    pooled, progress)``. ``teacher`` is a frozen MeanFlow model (the student's starting weights); ``critic``
+    is needed when cfg.adversarial > 0. The returned loss then also holds the critic's own hinge loss, on
+    its weights alone, so one backward gives both networks their gradients; the training loop steps the
+    critic's optimizer."""
 
-    def __init__(self, cfg: SplitDistillConfig, teacher: nn.Module):
-        self.cfg, self.teacher = cfg, teacher
+    def __init__(self, cfg: SplitDistillConfig, teacher: nn.Module, critic: SceneCritic | None = None):
+        if cfg.adversarial > 0 and critic is None:
+            raise ValueError(f"distill.adversarial {cfg.adversarial} needs a critic (emf_dist/critic.py)")
+        self.cfg, self.teacher, self.critic = cfg, teacher, critic if cfg.adversarial > 0 else None
 
     def __call__(self, model, x, text_tokens, text_mask, text_pooled, progress: float = 0.0, *,
                  net: nn.Module | None = None, generator: torch.Generator | None = None):
@@ -115,4 +132,14 @@ class SplitDistillLoss:
         err = (u.to(precision) - target.to(precision)).pow(2).flatten(1).mean(1)
         weight = (err.detach() + cfg.adaptive_c).pow(-cfg.adaptive_p)
         loss = (weight * err).mean()
-        return loss, {"mse": err.mean().detach(), "jvp_rows": 0, "jvp_seconds": 0.0}
+        stats = {"mse": err.mean().detach(), "jvp_rows": 0, "jvp_seconds": 0.0}
+        # The 1-step sample z_1 - u is judged on rows that kept their caption (there is none to judge against
+        # otherwise); a micro-batch with none left gives the critic no gradient this time.
+        keep = ~drop
+        if self.critic is None or not keep.any():
+            return loss, stats
+        sample, real, pooled = (noise - u)[keep], x[keep].to(u.dtype), text_pooled[keep].to(u.dtype)
+        student_term = generator_loss(self.critic, sample, pooled)
+        critic_term = critic_loss(self.critic, real, sample.detach(), pooled)
+        stats.update(adversarial=student_term.detach(), critic=critic_term.detach())
+        return loss + cfg.adversarial * student_term + critic_term, stats

@@ -55,6 +55,10 @@ def test_impossible_batch_arithmetic_and_fault_options_are_refused():
         config(mode="meanflow_distill", init_from="x", steps=5, distill={"rounds": 2})
     with pytest.raises(ConfigError, match="rounds must be >= 1"):
         config(mode="meanflow_distill", init_from="x", distill={"rounds": 0})
+    with pytest.raises(ConfigError, match=r"distill.adversarial trains a critic .*\(mode is meanflow_finetune\)"):
+        config(mode="meanflow_finetune", init_from="x", distill={"adversarial": 0.05})
+    with pytest.raises(ConfigError, match="critic_lr > 0"):
+        config(mode="meanflow_distill", init_from="x", distill={"adversarial": 0.05, "critic_lr": 0.0})
     with pytest.raises(ConfigError, match="velocity: teacher takes the fine-tuning parent"):
         config(objective={"velocity": "teacher"})
     with pytest.raises(ConfigError, match="only used with data.loader_workers: 0"):

@@ -18,12 +18,12 @@ from emf_dist.config import from_dict
 from emf_dist.export import load_model
 from emf_dist.model import VelocityNet
 from emf_dist.storage import Store
-from emf_dist.train.checkpoint import TEACHER_FILE, consolidated_weights
+from emf_dist.train.checkpoint import CRITIC_FILE, TEACHER_FILE, consolidated_weights
 from emf_dist.train.config import TrainConfig
 from emf_dist.train.driver import train
 from emf_dist.train.local import train_local
 from emf_dist.train.loss_curve import read_history
-from emf_dist.train.setup import build_batches, build_model, build_objective
+from emf_dist.train.setup import build_batches, build_critic, build_model, build_objective
 from tests.s3_server import s3_server
 
 pytestmark = pytest.mark.slow
@@ -168,27 +168,34 @@ def test_single_process_loop_equals_two_zero0_workers(zero0):
         torch.testing.assert_close(param.detach(), distributed[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_distillation_rounds_in_one_run_equal_chained_runs_and_resume_inside_a_round(dataset, zero0, tmp_path):
+@pytest.mark.parametrize("adversarial", [0.0, 0.5])
+def test_distillation_rounds_in_one_run_equal_chained_runs_and_resume_inside_a_round(dataset, zero0, tmp_path,
+                                                                                     adversarial):
     """Two rounds in one worker group, stopped inside the second round and resumed, against the local
-    loop run round by round: each round from the one before's EMA weights, which are also its teacher."""
+    loop run round by round: each round from the one before's EMA weights, which are also its teacher.
+    With a critic (distill.adversarial), it is one for the whole run, replicated on both ranks, and the
+    checkpoint carries it and its optimizer across the stop."""
     start = zero0[1].export
     cfg = run_config(dataset, str(tmp_path), "rounds", mode="meanflow_distill", init_from=start, steps=4,
-                     checkpoint_every=1, distill={"teacher_steps": 2, "rounds": 2})
+                     checkpoint_every=1, distill={"teacher_steps": 2, "rounds": 2, "adversarial": adversarial})
     train(replace(cfg, stop_after=3))
     run = tmp_path / "rounds"
     assert not (run / "step_00000002" / TEACHER_FILE).exists()  # the first round's teacher is the export
     assert (run / "step_00000003" / TEACHER_FILE).exists()
+    assert (run / "step_00000003" / CRITIC_FILE).exists() == bool(adversarial)
     result = train(cfg)
     assert result.metrics["step"] == 4
+    assert ("critic_loss" in result.metrics) == bool(adversarial)
 
     teacher, _ = load_model(start)
     initial = {name: p.detach().clone() for name, p in teacher.named_parameters()}
+    critic = build_critic(cfg, teacher)
     for index in range(cfg.distill.rounds):  # the oracle: one-round runs chained
         round_cfg = cfg.distill_round(index)
         streams = [build_batches(round_cfg, rank, cfg.scaling.num_workers) for rank in range(cfg.scaling.num_workers)]
         student = build_model(round_cfg, teacher)
-        trained = train_local(student, build_objective(round_cfg, teacher.eval().requires_grad_(False)), streams,
-                              round_cfg)
+        objective = build_objective(round_cfg, teacher.eval().requires_grad_(False), critic=critic)
+        trained = train_local(student, objective, streams, round_cfg)
         trained["ema"].copy_to(teacher)
     exported = load_file(str(run / "export" / "model.safetensors"))
     moved = max(float((p.detach() - initial[name]).abs().max()) for name, p in teacher.named_parameters())

@@ -9,6 +9,7 @@ A checkpoint folder (one per reported step, in the run's storage) holds:
                                    TrainState (JSON: the step, the data position, the counters)
     teacher.safetensors            distillation after its first round: the round's frozen teacher
                                    (rank 0; the first round's is the init_from export)
+    critic.safetensors             adversarial distillation: the critic and its Adam state (rank 0)
     train_config.json              the run's config (rank 0), for people and tools
 
 DeepSpeed loads its files with ``torch.load(weights_only=False)``. ``safe_torch_load`` forces
@@ -30,6 +31,8 @@ from emf_dist.train.train_state import TrainState
 
 DS_TAG = "ds"
 TEACHER_FILE = "teacher.safetensors"
+CRITIC_FILE = "critic.safetensors"
+ADAM_STATE = ("step", "exp_avg", "exp_avg_sq")
 
 
 def _deepspeed_safe_globals() -> list:
@@ -130,6 +133,29 @@ def load_teacher(folder: str, teacher: torch.nn.Module) -> None:
     with torch.no_grad():
         for name, param in params.items():
             param.copy_(weights[name])
+
+
+def save_critic(folder: str, critic: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """The critic's weights and buffers, and its Adam state keyed by parameter name."""
+    tensors = {f"module.{k}": v.detach().contiguous() for k, v in critic.state_dict().items()}
+    for name, param in critic.named_parameters():
+        for key, value in optimizer.state.get(param, {}).items():
+            tensors[f"adam.{name}.{key}"] = torch.as_tensor(value).detach().contiguous()
+    save_file(tensors, os.path.join(folder, CRITIC_FILE))
+
+
+def load_critic(folder: str, critic: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Restore ``save_critic``'s file into a critic of the same shape and its optimizer."""
+    path = os.path.join(folder, CRITIC_FILE)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint {folder} holds no {CRITIC_FILE}: it was written by a run without "
+                                "distill.adversarial; resume with the config it was written with")
+    tensors = load_file(path)
+    critic.load_state_dict({k.removeprefix("module."): v for k, v in tensors.items() if k.startswith("module.")})
+    for name, param in critic.named_parameters():
+        if f"adam.{name}.step" in tensors:  # Adam keeps its step count on the CPU, the moments by the weight
+            optimizer.state[param] = {key: tensors[f"adam.{name}.{key}"].to(param.device if key != "step" else "cpu")
+                                      for key in ADAM_STATE}
 
 
 def load_ema(folder: str, ema: EMA) -> None:

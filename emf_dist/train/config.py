@@ -233,6 +233,9 @@ class TrainConfig:
             problems.append(f"distill.rounds {self.distill.rounds} splits a meanflow_distill run's steps evenly: "
                             f"it needs mode meanflow_distill (got {self.mode}) and steps divisible by it "
                             f"(got {self.steps})")
+        if self.distill.adversarial and (self.mode != "meanflow_distill" or not isinstance(self.model, ModelConfig)):
+            problems.append("distill.adversarial trains a critic on our DiT's 1-step samples: it needs mode "
+                            f"meanflow_distill with an export of our DiT (mode is {self.mode})")
         if self.stop_after < 0 or self.stop_after > self.steps:
             problems.append(f"stop_after must lie in [0, steps={self.steps}], got {self.stop_after}")
         if self.checkpoint_every < 1 or self.keep_checkpoints < 1:

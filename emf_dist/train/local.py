@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from emf_dist.ema import EMA
 from emf_dist.train.config import TrainConfig
-from emf_dist.train.setup import build_optimizer, objective_generator
+from emf_dist.train.setup import build_critic_optimizer, build_optimizer, objective_generator
 
 Batch = dict[str, torch.Tensor]  # image, tokens, mask, pooled: the shard loader's batch layout
 
@@ -57,6 +57,8 @@ def train_local(model: nn.Module, objective, data: InMemoryData | list[Iterator[
     if len(streams) != ranks:
         raise ValueError(f"got {len(streams)} batch streams for scaling.num_workers {ranks}")
     params, optimizer, schedule = build_optimizer(model, cfg.optim, cfg.steps)
+    critic = getattr(objective, "critic", None)  # adversarial distillation's, trained beside the model
+    critic_optimizer = build_critic_optimizer(critic, cfg) if critic is not None else None
     ema = ema or EMA(model, cfg.ema_decay)
     history, start = [], time.perf_counter()
     model.train()
@@ -65,6 +67,10 @@ def train_local(model: nn.Module, objective, data: InMemoryData | list[Iterator[
         torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if critic_optimizer is not None:  # its gradient, too, is the mean over the ranks' micro-batches
+            critic_optimizer.step()
+            critic_optimizer.zero_grad(set_to_none=True)
+            critic.refine_spectral_norms()
         schedule.step()
         ema.update(model)
         history.append(mse)

@@ -12,6 +12,7 @@ import torch.nn as nn
 
 from emf_dist import storage
 from emf_dist.backbones.adapter import BackboneConfig
+from emf_dist.critic import SceneCritic
 from emf_dist.manifest import read_manifest
 from emf_dist.meanflow import MeanFlowLoss
 from emf_dist.model import VelocityNet
@@ -52,11 +53,27 @@ def build_teacher(cfg: TrainConfig, parent: VelocityNet | None, device) -> Veloc
     return parent.to(device).eval().requires_grad_(False)
 
 
-def build_objective(cfg: TrainConfig, teacher: VelocityNet | None,
-                    parameters_of: ParameterScope | None = None) -> MeanFlowLoss | SplitDistillLoss:
-    """``parameters_of``: how the JVP pass reaches partitioned parameters (the engine's, under ZeRO-3)."""
+def build_critic(cfg: TrainConfig, teacher: VelocityNet | None, device="cpu") -> SceneCritic | None:
+    """Adversarial distillation's critic (distill.adversarial > 0), shaped after the teacher's input and
+    text, seeded alike on every rank; None otherwise. It lives for the whole run, across rounds."""
+    if cfg.mode != "meanflow_distill" or not cfg.distill.adversarial:
+        return None
+    torch.manual_seed(cfg.seed + 1)  # not the student's seed: the two start independent
+    model = teacher.cfg
+    return SceneCritic(model.in_channels, model.input_size, model.text_dim, cfg.distill.critic_width).to(device)
+
+
+def build_critic_optimizer(critic: SceneCritic, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """Adam without momentum, the usual choice for a GAN's discriminator; fresh each round, as the student's."""
+    return torch.optim.Adam(critic.parameters(), lr=cfg.distill.critic_lr, betas=(0.0, 0.99))
+
+
+def build_objective(cfg: TrainConfig, teacher: VelocityNet | None, parameters_of: ParameterScope | None = None,
+                    critic: SceneCritic | None = None) -> MeanFlowLoss | SplitDistillLoss:
+    """``parameters_of``: how the JVP pass reaches partitioned parameters (the engine's, under ZeRO-3);
+    ``critic``: build_critic's, for adversarial distillation."""
     if cfg.mode == "meanflow_distill":
-        return SplitDistillLoss(cfg.distill, teacher)
+        return SplitDistillLoss(cfg.distill, teacher, critic)
     return MeanFlowLoss(cfg.objective, teacher=teacher, parameters_of=parameters_of)
 
 

@@ -25,12 +25,28 @@ from emf_dist import storage
 from emf_dist.config import from_dict
 from emf_dist.ema import EMA
 from emf_dist.model import VelocityNet
-from emf_dist.train.checkpoint import load_checkpoint, load_teacher, save_checkpoint, save_teacher, saved_step
+from emf_dist.train.checkpoint import (
+    load_checkpoint,
+    load_critic,
+    load_teacher,
+    save_checkpoint,
+    save_critic,
+    save_teacher,
+    saved_step,
+)
 from emf_dist.train.config import TrainConfig
 from emf_dist.train.engine import build_engine, jvp_parameter_scope
 from emf_dist.train.faults import fault_injector
 from emf_dist.train.run_logger import RunLogger
-from emf_dist.train.setup import build_batches, build_model, build_objective, build_teacher, objective_generator
+from emf_dist.train.setup import (
+    build_batches,
+    build_critic,
+    build_critic_optimizer,
+    build_model,
+    build_objective,
+    build_teacher,
+    objective_generator,
+)
 from emf_dist.train.train_state import DataPosition, TrainState
 
 
@@ -64,6 +80,16 @@ def _any_rank(flag: bool, device) -> bool:
     return bool(value.item())
 
 
+def _average_over_ranks(module: torch.nn.Module) -> None:
+    """A replicated module's gradients averaged over the ranks in one all-reduce (what DDP does)."""
+    params = list(module.parameters())
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    for param, grad in zip(params, flat.split([p.numel() for p in params])):
+        param.grad = grad.view_as(param)
+
+
 def _mean_over_ranks(values: list[float], device) -> list[float]:
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(tensor)
@@ -87,6 +113,8 @@ class Trainer:
         self.device = ray.train.torch.get_device() if self.on_gpu else torch.device("cpu")
         # The init_from export; in distillation also the teacher, whose weights each new round replaces.
         self.parent = load_parent(cfg) if cfg.init_from else None
+        # Adversarial distillation's critic: small, replicated on every rank, kept across rounds.
+        self.critic = build_critic(cfg, self.parent, self.device)
         self.grad_norm = 0.0  # of the last optimizer step; ZeRO-0 only (stages >= 1 keep their own)
         self.faults = fault_injector(cfg, self.rank)  # None in an ordinary run
         self.state = TrainState()
@@ -95,6 +123,8 @@ class Trainer:
             self._start_round(self._round_of(saved_step(folder, self.rank)) if folder else 0, folder)
             if folder:
                 self.state = load_checkpoint(folder, self.engine, self.ema, self.rank, self.generator)
+                if self.critic is not None:
+                    load_critic(folder, self.critic, self.critic_optimizer)
                 if self.rank == 0:
                     print(f"resumed from step {self.state.step}", flush=True)
         self._open_batches()
@@ -120,7 +150,9 @@ class Trainer:
         self.ema = EMA(model, cfg.ema_decay)
         self.engine = build_engine(model, cfg, self.world, self.on_gpu)
         self.engine.train()
-        self.objective = build_objective(cfg, build_teacher(cfg, self.parent, self.device), jvp_parameter_scope(cfg))
+        self.objective = build_objective(cfg, build_teacher(cfg, self.parent, self.device), jvp_parameter_scope(cfg),
+                                         self.critic)
+        self.critic_optimizer = build_critic_optimizer(self.critic, cfg) if self.critic is not None else None
         self.generator = objective_generator(cfg, self.rank, self.device)
 
     def _open_batches(self) -> None:
@@ -140,7 +172,7 @@ class Trainer:
             print(f"distillation round {self.round + 1}/{self.cfg.distill.rounds} from step {self.state.step}",
                   flush=True)
 
-    def _micro_step(self, progress: float) -> tuple[float, float] | None:
+    def _micro_step(self, progress: float) -> tuple[float, float, float] | None:
         """Forward + backward of one micro-batch; None (and no backward) if any rank's loss is bad."""
         batch = {k: v.to(self.device, non_blocking=True) for k, v in next(self.batches).items()}
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.on_gpu)
@@ -161,11 +193,12 @@ class Trainer:
             self.grad_norm = float(torch.nn.utils.get_total_norm(
                 [p.grad for p in self.engine.module.parameters() if p.grad is not None]))
         self.engine.step()
-        return float(loss.detach()), stats["jvp_seconds"]
+        critic = float(stats["critic"]) if "critic" in stats else 0.0  # part of the loss, reported on its own
+        return float(loss.detach()) - critic, stats["jvp_seconds"], critic
 
-    def _optimizer_step(self) -> tuple[float, float]:
-        """grad_accum good micro-batches (bad ones are replaced); returns (loss, JVP seconds)."""
-        losses, jvp, bad_in_a_row = [], 0.0, 0
+    def _optimizer_step(self) -> tuple[float, float, float]:
+        """grad_accum good micro-batches (bad ones are replaced); returns (loss, JVP seconds, critic loss)."""
+        losses, jvp, critic, bad_in_a_row = [], 0.0, 0.0, 0
         while len(losses) < self.cfg.grad_accum:
             result = self._micro_step(self._progress())
             if result is None:
@@ -180,10 +213,16 @@ class Trainer:
             bad_in_a_row = 0
             losses.append(result[0])
             jvp += result[1]
+            critic += result[2] / self.cfg.grad_accum
+        if self.critic is not None:  # the engine stepped the student; the critic's gradient is ours to reduce
+            _average_over_ranks(self.critic)
+            self.critic_optimizer.step()
+            self.critic_optimizer.zero_grad(set_to_none=True)
+            self.critic.refine_spectral_norms()
         with _gathered(self.engine):
             self.ema.update(self.engine.module)
         self.state.step += 1
-        return sum(losses) / len(losses), jvp
+        return sum(losses) / len(losses), jvp, critic
 
     def _progress(self) -> float:
         """Of the round (the run, when it is one round): what the objective's schedules follow."""
@@ -200,19 +239,22 @@ class Trainer:
                             config=to_dict(self.cfg))
             if self.round and self.rank == 0:  # a later round's teacher is no export: keep it for a resume
                 save_teacher(folder, self.parent)
+            if self.critic is not None and self.rank == 0:  # every rank holds the same critic
+                save_critic(folder, self.critic, self.critic_optimizer)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
                              checkpoint_dir_name=f"step_{self.state.step:08d}")
 
     def run(self) -> None:
         import ray.train
-        cfg, window = self.cfg, {"loss": 0.0, "jvp": 0.0, "seconds": 0.0, "steps": 0}
+        cfg, window = self.cfg, {"loss": 0.0, "jvp": 0.0, "critic": 0.0, "seconds": 0.0, "steps": 0}
         while self.state.step < self._last_step():
             if self.state.step == (self.round + 1) * cfg.round_steps:
                 self._next_round()
             start = time.perf_counter()
-            loss, jvp = self._optimizer_step()
+            loss, jvp, critic = self._optimizer_step()
             window["loss"] += loss
             window["jvp"] += jvp
+            window["critic"] += critic
             window["seconds"] += time.perf_counter() - start
             window["steps"] += 1
             step = self.state.step
@@ -266,13 +308,17 @@ class Trainer:
 
     def _metrics(self, window: dict) -> dict:
         steps = max(1, window["steps"])
-        loss, seconds, jvp, skipped = _mean_over_ranks(
-            [window["loss"] / steps, window["seconds"], window["jvp"], float(self.batches.skipped)], self.device)
+        loss, seconds, jvp, skipped, critic = _mean_over_ranks(
+            [window["loss"] / steps, window["seconds"], window["jvp"], float(self.batches.skipped),
+             window["critic"] / steps], self.device)
         samples = steps * self.cfg.global_batch
-        return {"step": self.state.step, "loss": loss, "grad_norm": self._grad_norm(),
-                "lr": self.engine.get_lr()[0], "samples_per_s": samples / max(seconds, 1e-9),
-                "jvp_share": jvp / max(seconds, 1e-9), "memory_mib": _memory_mib(self.device),
-                "skipped_samples": int(skipped * self.world), "bad_steps": self.state.bad_steps}
+        metrics = {"step": self.state.step, "loss": loss, "grad_norm": self._grad_norm(),
+                   "lr": self.engine.get_lr()[0], "samples_per_s": samples / max(seconds, 1e-9),
+                   "jvp_share": jvp / max(seconds, 1e-9), "memory_mib": _memory_mib(self.device),
+                   "skipped_samples": int(skipped * self.world), "bad_steps": self.state.bad_steps}
+        if self.critic is not None:  # the critic's hinge loss; "loss" is the student's alone
+            metrics["critic_loss"] = critic
+        return metrics
 
 
 def _memory_mib(device) -> float:
