@@ -7,12 +7,12 @@ two is the regression's best guess. Adversarial Diffusion Distillation (Sauer et
 samples from real images, so that a blend costs the student even where it is close to both modes.
 
 This critic is a projection discriminator (Miyato and Koyama, arXiv 1802.05637) over the images or
-latents of the batch: three spectrally normalised convolutions (Miyato et al., arXiv 1802.05957), a flattened layer (so that it sees
-where things are: position prompts), and an inner product with a projection of the pooled text
-embedding, so it also judges whether the image matches its caption. It is trained with the hinge
-loss on (image, caption) pairs from the data against the student's samples and against the data's
-images paired with another row's caption (the matching-aware term of Reed et al., arXiv
-1605.05396). It is tiny next to the student and replicated on every rank.
+latents of the batch: three spectrally normalised convolutions (Miyato et al., arXiv 1802.05957), a
+flattened layer (so that it sees where things are: position prompts), and an inner product with a
+projection of the pooled text embedding, so it also judges whether the image matches its caption.
+It is trained with the hinge loss on (image, caption) pairs from the data against the student's
+samples and against the data's images paired with another row's caption (the matching-aware term
+of Reed et al., arXiv 1605.05396). It is small next to the student and replicated on every rank.
 """
 from __future__ import annotations
 
@@ -34,7 +34,8 @@ class SpectralNorm(nn.Module):
         super().__init__()
         self.layer = layer
         weight = layer.weight
-        self.register_buffer("u", F.normalize(torch.randn(weight.shape[0], dtype=weight.dtype, device=weight.device), dim=0))
+        start = torch.randn(weight.shape[0], dtype=weight.dtype, device=weight.device)
+        self.register_buffer("u", F.normalize(start, dim=0))
         for _ in range(15):  # as torch's spectral_norm starts: a settled estimate from the first step
             self.refine()
 
@@ -50,7 +51,7 @@ class SpectralNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self._matrix()
         v = F.normalize(weight.t() @ self.u, dim=0).detach()
-        sigma = self.u @ weight @ v  # the gradient flows through the weight only, as in the paper
+        sigma = self.u @ weight @ v  # the gradient flows through the weight only, as Miyato et al. do
         normalised = {"weight": self.layer.weight / sigma, "bias": self.layer.bias}
         return torch.func.functional_call(self.layer, normalised, (x,))
 

@@ -12,17 +12,17 @@ model (the teacher) samples in k steps and the student's 1-step query regresses 
 
     loss = adaptive-weighted || u(z_1, 0, 1) - sg(z_1 - x_k(z_1)) ||^2,   z_1 ~ N(0, I)
 
-Only captions are needed (the images of the batch are used only by the critic below). Every row is the 1-step
+Only captions are needed (the batch's images serve only the critic below). Every row is the 1-step
 query; the other intervals are not trained. With ``guidance`` w != 1 the teacher takes its k
 steps with classifier-free guidance, u_uncond + w (u_cond - u_uncond), so the student's 1-step
 query learns the guided k-step sample at one evaluation (guidance distillation, as SANA-Sprint
 and rCM distil a guided teacher); rows whose text is dropped stay unguided, so the null
-condition keeps its meaning. With ``adversarial`` lambda > 0 a small critic (emf_dist/critic.py) also
-judges the 1-step samples against the batch's images, and the student adds lambda times its hinge
-term (adversarial distillation, as ADD and SANA-Sprint's LADD): it penalises the blends the regression
-settles on. A fixed teacher saturates, so training runs in
-rounds, each round's result the next round's teacher (``SplitDistillConfig.rounds``; what rounds do
-to 1, 2 and 4 steps on the demo recipe: docs/benchmarks.md).
+condition keeps its meaning. With ``adversarial`` lambda > 0 a small critic (emf_dist/critic.py)
+also judges the 1-step samples against the batch's images, and the student adds lambda times its
+hinge term (adversarial distillation, as ADD and SANA-Sprint's LADD), which penalises the blends
+the regression settles on. A fixed teacher saturates, so training runs in rounds, each round's
+result the next round's teacher (``SplitDistillConfig.rounds``; what rounds and the critic do to
+1, 2 and 4 steps on the demo recipe: docs/benchmarks.md).
 
 ``split_average_velocity`` is the identity itself, for any split of any interval per row; the
 MeanFlow objective's split rows (MeanFlowConfig.split_share) use it with the network as its own
