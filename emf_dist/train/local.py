@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from emf_dist.ema import EMA
 from emf_dist.train.config import TrainConfig
-from emf_dist.train.setup import build_critic_optimizer, build_optimizer, objective_generator
+from emf_dist.train.setup import build_critic_optimizer, build_optimizer, objective_generator, step_critic
 
 Batch = dict[str, torch.Tensor]  # image, tokens, mask, pooled: the shard loader's batch layout
 
@@ -68,9 +68,7 @@ def train_local(model: nn.Module, objective, data: InMemoryData | list[Iterator[
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if critic_optimizer is not None:  # its gradient, too, is the mean over the ranks' micro-batches
-            critic_optimizer.step()
-            critic_optimizer.zero_grad(set_to_none=True)
-            critic.refine_spectral_norms()
+            step_critic(critic, critic_optimizer)
         schedule.step()
         ema.update(model)
         history.append(mse)

@@ -68,6 +68,14 @@ def build_critic_optimizer(critic: SceneCritic, cfg: TrainConfig) -> torch.optim
     return torch.optim.Adam(critic.parameters(), lr=cfg.distill.critic_lr, betas=(0.0, 0.99))
 
 
+def step_critic(critic: SceneCritic, optimizer: torch.optim.Optimizer) -> None:
+    """The critic's optimizer step from its (rank-averaged) gradient, then its spectral-norm estimate's
+    one power-iteration step, which must follow every weight update."""
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    critic.refine_spectral_norms()
+
+
 def build_objective(cfg: TrainConfig, teacher: VelocityNet | None, parameters_of: ParameterScope | None = None,
                     critic: SceneCritic | None = None) -> MeanFlowLoss | SplitDistillLoss:
     """``parameters_of``: how the JVP pass reaches partitioned parameters (the engine's, under ZeRO-3);

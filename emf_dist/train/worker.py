@@ -46,6 +46,7 @@ from emf_dist.train.setup import (
     build_objective,
     build_teacher,
     objective_generator,
+    step_critic,
 )
 from emf_dist.train.train_state import DataPosition, TrainState
 
@@ -216,9 +217,7 @@ class Trainer:
             critic += result[2] / self.cfg.grad_accum
         if self.critic is not None:  # the engine stepped the student; the critic's gradient is ours to reduce
             _average_over_ranks(self.critic)
-            self.critic_optimizer.step()
-            self.critic_optimizer.zero_grad(set_to_none=True)
-            self.critic.refine_spectral_norms()
+            step_critic(self.critic, self.critic_optimizer)
         with _gathered(self.engine):
             self.ema.update(self.engine.module)
         self.state.step += 1
