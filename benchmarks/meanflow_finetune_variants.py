@@ -4,7 +4,7 @@
         [--velocity data|teacher] [--guidance-w 1.0] [--adaptive-p 0.5] [--lr 5e-4]
         [--full-interval 0.0] [--r-neq-t 0.5 0.9] [--decay constant|cosine|linear] [--train-all]
         [--ema-decay 0.999] [--split-share 0.0] [--split-steps 2] [--identity eulerian|lagrangian]
-        [--tangent velocity|model]
+        [--tangent velocity|model] [--alpha START END --alpha-window FROM TO]
         [--time-embedding dual|decoupled --decoder-depth N] [--seed 0] [--images-per-prompt 16] [--parent FM_EXPORT]
 
 DEMO_DIR is a finished `emf demo --out DEMO_DIR`: its shards and its exported flow-matching
@@ -24,6 +24,7 @@ import os
 
 import torch
 
+from emf_dist.alpha_flow import AlphaCurriculum
 from emf_dist.config import from_dict
 from emf_dist.convert import freeze_for_emf_finetune, meanflow_from_flow_matching
 from emf_dist.eval.run import EvalConfig, run_benchmark_job
@@ -70,6 +71,11 @@ def main() -> None:
                         help="the JVP rows' target: MeanFlow's du/dt, or du/dr at the step's end (objective.identity)")
     parser.add_argument("--tangent", choices=("velocity", "model"), default="velocity",
                         help="the JVP's direction: v, or the network's own velocity (objective.tangent, iMF)")
+    parser.add_argument("--alpha", type=float, nargs=2, default=(0.0, 0.0), metavar=("START", "END"),
+                        help="AlphaFlow's curriculum of the JVP rows' consistency-step ratio (objective.alpha; "
+                             "AlphaFlow's: 1 0)")
+    parser.add_argument("--alpha-window", type=float, nargs=2, default=(0.0, 1.0), metavar=("FROM", "TO"),
+                        help="the progress span of alpha's sigmoid sweep")
     parser.add_argument("--time-embedding", choices=("dual", "decoupled"), default="dual",
                         help="the conversion: EMF's dual time embedding, or Decoupled MeanFlow's (model.time_embedding)")
     parser.add_argument("--decoder-depth", type=int, default=0, help="decoupled: the last blocks, conditioned on r")
@@ -90,7 +96,10 @@ def main() -> None:
     objective_cfg = MeanFlowConfig(adaptive_p=args.adaptive_p, time=time_cfg, velocity=args.velocity,
                                    guidance_w=args.guidance_w, split_share=args.split_share,
                                    split_steps=args.split_steps, identity=args.identity,
-                                   tangent=args.tangent)
+                                   tangent=args.tangent,
+                                   alpha=AlphaCurriculum(start=args.alpha[0], end=args.alpha[1],
+                                                         window_start=args.alpha_window[0],
+                                                         window_end=args.alpha_window[1]))
     if problems := objective_cfg.validate():
         parser.error("; ".join(problems))
     teacher = parent.eval().requires_grad_(False) if args.velocity == "teacher" else None

@@ -68,6 +68,11 @@ rows, the other r != t rows, the loss weight) is unchanged; split_share 0 is the
 without it, draw for draw. ``split_steps`` k > 2 cuts a split row's interval at k - 1 points drawn
 uniformly in (r, t) and walks the network's k steps through them, the same identity applied k - 1
 times.
+
+AlphaFlow's curriculum (``alpha``, emf_dist/alpha_flow.py). While its alpha is above 0 the JVP rows
+take AlphaFlow's consistency-step target instead: alpha of the interval walked with v, the rest with
+the network's own average velocity, which is trajectory flow matching at alpha = 1 and MeanFlow's
+target in the limit alpha -> 0. No JVP runs while alpha > 0; the split rows keep their split target.
 """
 
 from __future__ import annotations
@@ -81,6 +86,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn as nn
 
+from emf_dist.alpha_flow import AlphaCurriculum, alpha_flow_target, alpha_row_weight
 from emf_dist.model import VelocityNet
 from emf_dist.model_jvp import ParameterScope, velocity_and_tangent
 from emf_dist.samplers import cond_and_uncond
@@ -126,6 +132,9 @@ class MeanFlowConfig:
     # along the flow at the start point, or the Lagrangian one, du/dr at the end point with the
     # velocity evaluated where the step lands.
     identity: Literal["eulerian", "lagrangian"] = "eulerian"
+    # AlphaFlow's curriculum over training progress (module docstring); the default keeps alpha at 0,
+    # MeanFlow's own target.
+    alpha: AlphaCurriculum = field(default_factory=AlphaCurriculum)
 
     @property
     def folds_guidance(self) -> bool:
@@ -162,6 +171,13 @@ class MeanFlowConfig:
             if self.folds_guidance and self.velocity != "teacher":
                 problems.append("with identity: lagrangian the velocity at the end point is the network's own unless "
                                 "velocity: teacher, and folded guidance needs the teacher's there")
+        problems += self.alpha.validate()
+        if self.alpha.enabled:
+            if self.mode == "flow_matching":
+                problems.append("alpha shapes the r != t rows' target; flow matching has none: leave alpha at 0")
+            if self.identity == "lagrangian" or self.tangent == "model":
+                problems.append("alpha replaces the JVP rows' target while it is above 0; with identity: lagrangian "
+                                "or tangent: model the two would take turns on the same rows: use one of them")
         if self.tangent == "model" and self.mode == "flow_matching":
             problems.append("tangent is the JVP's direction on r != t rows; flow matching has none: leave it at velocity")
         if self.fd_eps <= 0:
@@ -388,6 +404,14 @@ class MeanFlowLoss:
             target = target.index_copy(0, split, split_u.to(target.dtype))
         jvp_mask = r != t
         jvp_mask[split] = False
+        alpha = cfg.alpha.at(progress)
+        alpha_rows = jvp_mask.nonzero().squeeze(1) if alpha > 0 else jvp_mask.new_zeros(0, dtype=torch.long)
+        if len(alpha_rows):  # AlphaFlow's target replaces the JVP's on these rows
+            rows = lambda a: a.index_select(0, alpha_rows)  # noqa: E731
+            alpha_u = alpha_flow_target(net, rows(z), rows(r), rows(t), rows(v), alpha, tuple(map(rows, text)),
+                                        rows(drop))
+            target = target.index_copy(0, alpha_rows, alpha_u.to(target.dtype))
+            jvp_mask[alpha_rows] = False
         jvp_rows = jvp_mask.nonzero().squeeze(1)
         jvp_start = time.perf_counter()
         fused = bool(len(jvp_rows)) and self._fuses(net, z)
@@ -410,6 +434,8 @@ class MeanFlowLoss:
         precision = torch.promote_types(u.dtype, torch.float32)  # reduce bf16 outputs in float32
         err = (u.to(precision) - target.detach().to(precision)).pow(2).flatten(1).mean(1)
         weight = (err.detach() + cfg.adaptive_c).pow(-cfg.adaptive_p)
+        if len(alpha_rows):  # their gradient kept at MeanFlow's scale (emf_dist/alpha_flow.py)
+            weight = weight * torch.ones_like(weight).index_fill(0, alpha_rows, alpha_row_weight(alpha, cfg.adaptive_p))
         loss = (weight * err).mean()
         return loss, {"mse": err.mean().detach(), "jvp_rows": len(jvp_rows), "jvp_seconds": jvp_seconds,
-                      "split_rows": len(split), "fused": fused}
+                      "split_rows": len(split), "fused": fused, "alpha": alpha}

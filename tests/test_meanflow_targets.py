@@ -1,12 +1,15 @@
 """The MeanFlow objective's targets against independent references, in float64: the interval-splitting
-rows (MeanFlowConfig.split_share) and the JVP's tangent (MeanFlowConfig.tangent) on an exact flow map
-with a closed form, the loss and gradients written out row by row, and split_share 0 as the plain
-objective, draw for draw."""
+rows (MeanFlowConfig.split_share), the JVP's tangent (MeanFlowConfig.tangent) and AlphaFlow's
+consistency-step target (MeanFlowConfig.alpha) on an exact flow map with a closed form, the loss and
+gradients written out row by row, and split_share 0 and alpha 0 as the plain objective, draw for draw."""
+
+import math
 
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
 
+from emf_dist.alpha_flow import AlphaCurriculum, alpha_flow_target
 from emf_dist.meanflow import (
     MeanFlowConfig,
     MeanFlowLoss,
@@ -121,6 +124,42 @@ def test_the_lagrangian_target_of_an_exact_flow_map_is_its_own_prediction():
     assert (at_start - exact).abs().max() > 0.1
 
 
+def test_alpha_flow_target_is_flow_matching_at_one_and_tends_to_the_exact_flow_map_as_alpha_shrinks():
+    """AlphaFlow's target with the exact velocity: v itself at alpha = 1; below, an Euler step over alpha of the
+    interval, then the exact map from where it lands. Its first-order error is the residual of the MeanFlow
+    identity, zero for the exact map, so the target misses u by O(alpha^2): a hundredfold less per tenfold
+    smaller alpha."""
+    net, _, (z, r, t, text, drop) = GaussianFlowMap(), *_gaussian_rows(seed=8)
+    exact, exact_velocity = net(z, r, t, *text, drop), net(z, t, t, *text, drop)
+    torch.testing.assert_close(alpha_flow_target(net, z, r, t, exact_velocity, 1.0, text, drop), exact_velocity,
+                               rtol=0, atol=0)
+    errors = [float((alpha_flow_target(net, z, r, t, exact_velocity, alpha, text, drop) - exact).abs().max())
+              for alpha in (1e-2, 1e-3, 1e-4)]
+    assert errors[0] > 1e-4  # not exact at a finite alpha: the Euler step's error is there
+    for coarse, fine in zip(errors[:-1], errors[1:]):
+        assert 70 < coarse / fine < 130, errors
+    # The rest of the interval must start where the Euler step lands: from z_t itself (at the same s) the
+    # first-order term J_z u . v is left over, a hundred times the error at this alpha.
+    alpha = 1e-4
+    from_start = alpha * exact_velocity + (1 - alpha) * net(z, r, t - alpha * (t - r), *text, drop)
+    assert float((from_start - exact).abs().max()) > 100 * errors[-1]
+
+
+def test_the_alpha_curriculum_is_alphaflow_s_clamped_sigmoid():
+    curriculum = AlphaCurriculum(start=1.0, end=0.0)  # AlphaFlow's: 1 -> 0 over the whole run, sharpness 25
+    for progress in (0.3, 0.45, 0.5, 0.55, 0.7):
+        expected = 1 - 1 / (1 + math.exp(-25 * (progress - 0.5)))
+        assert curriculum.at(progress) == pytest.approx(expected, rel=1e-12)
+    assert curriculum.at(0.0) == 1.0 and curriculum.at(0.1) == 1.0  # above 1 - clamp: flow matching exactly
+    assert curriculum.at(0.95) == 0.0 and curriculum.at(1.0) == 0.0  # below the clamp: MeanFlow's target
+    late = AlphaCurriculum(start=0.5, end=0.0, window_start=0.2, window_end=0.6)
+    assert late.at(0.1) == 0.5 and late.at(0.7) == 0.0
+    assert late.at(0.4) == pytest.approx(0.25, rel=1e-12)
+    constant = AlphaCurriculum(start=0.3, end=0.3)
+    assert {constant.at(p) for p in (0.0, 0.5, 1.0)} == {0.3}
+    assert not AlphaCurriculum().enabled and AlphaCurriculum().at(0.5) == 0.0
+
+
 def test_the_end_time_derivative_equals_a_central_difference_on_our_dit():
     cfg = tiny_config()
     torch.manual_seed(6)
@@ -153,7 +192,8 @@ def _reference_loss(net, x, text, cfg: MeanFlowConfig, gen: torch.Generator):
     from t down to r through the row's sorted cut points;
     the other r != t rows take the MeanFlow target by forward-mode AD, along v or (tangent: model) the
     network's own u(z_t, t, t), or (identity: lagrangian) du/dr by forward-mode AD and the network's own
-    velocity at the step's end point; r = t rows take v."""
+    velocity at the step's end point, or (alpha > 0) alpha v plus 1 - alpha times the network's own average
+    velocity from the Euler step's end, weighted alpha^(2p - 1) more; r = t rows take v."""
     batch = x.shape[0]
     r, t = sample_times(cfg.time, batch, 0.0, generator=gen)
     drop = torch.rand(batch, generator=gen) < cfg.text_drop
@@ -165,7 +205,8 @@ def _reference_loss(net, x, text, cfg: MeanFlowConfig, gen: torch.Generator):
 
     z = (1 - t.view(-1, 1, 1, 1)) * x + t.view(-1, 1, 1, 1) * noise
     v = noise - x
-    targets = []
+    alpha = cfg.alpha.at(0.0)
+    targets, row_factor = [], torch.ones(batch)
     for i in range(batch):
         one = lambda a: a[i:i + 1]  # noqa: E731
         row_text = tuple(map(one, text))
@@ -178,6 +219,12 @@ def _reference_loss(net, x, text, cfg: MeanFlowConfig, gen: torch.Generator):
                     z_now = z_now - (start - end) * u_step
                     displacement = displacement + (start - end) * u_step
             targets.append(displacement / (t[i] - r[i]))
+        elif r[i] != t[i] and alpha > 0:
+            s_i = t[i] - alpha * (t[i] - r[i])
+            with torch.no_grad():
+                u_rest = net(one(z) - alpha * (t[i] - r[i]) * one(v), one(r), s_i.view(1), *row_text, one(drop))
+            targets.append(alpha * one(v) + (1 - alpha) * u_rest)
+            row_factor[i] = alpha ** (2 * cfg.adaptive_p - 1)
         elif r[i] != t[i] and cfg.identity == "lagrangian":
             with fwAD.dual_level():
                 out = net(one(z), fwAD.make_dual(one(r), torch.ones(1)), one(t), *row_text, one(drop))
@@ -197,26 +244,29 @@ def _reference_loss(net, x, text, cfg: MeanFlowConfig, gen: torch.Generator):
             targets.append(one(v))
     u = net(z, r, t, *text, drop)
     err = (u - torch.cat(targets)).pow(2).flatten(1).mean(1)
-    weight = (err.detach() + cfg.adaptive_c).pow(-cfg.adaptive_p)
-    return (weight * err).mean(), len(split), len(intervals) - len(split)
+    weight = (err.detach() + cfg.adaptive_c).pow(-cfg.adaptive_p) * row_factor
+    return (weight * err).mean(), len(split), 0 if alpha > 0 else len(intervals) - len(split)
 
 
 def _loss_and_grads(loss, net):
     return loss, torch.autograd.grad(loss, list(net.parameters()))
 
 
-@pytest.mark.parametrize("split_share, split_steps, tangent, identity, expected_split, expected_jvp",
-                         [(0.5, 2, "velocity", "eulerian", 3, 3), (1.0, 2, "velocity", "eulerian", 6, 0),
-                          (0.0, 2, "velocity", "eulerian", 0, 6), (0.0, 2, "model", "eulerian", 0, 6),
-                          (0.5, 2, "model", "eulerian", 3, 3), (0.5, 4, "velocity", "eulerian", 3, 3),
-                          (0.0, 2, "velocity", "lagrangian", 0, 6), (0.5, 2, "velocity", "lagrangian", 3, 3)])
-def test_loss_and_gradients_equal_a_row_by_row_float64_reference(split_share, split_steps, tangent, identity,
-                                                                 expected_split, expected_jvp):
+@pytest.mark.parametrize("split_share, split_steps, tangent, identity, alpha, adaptive_p, expected_split, expected_jvp",
+                         [(0.5, 2, "velocity", "eulerian", 0.0, 0.5, 3, 3), (1.0, 2, "velocity", "eulerian", 0.0, 0.5, 6, 0),
+                          (0.0, 2, "velocity", "eulerian", 0.0, 0.5, 0, 6), (0.0, 2, "model", "eulerian", 0.0, 0.5, 0, 6),
+                          (0.5, 2, "model", "eulerian", 0.0, 0.5, 3, 3), (0.5, 4, "velocity", "eulerian", 0.0, 0.5, 3, 3),
+                          (0.0, 2, "velocity", "lagrangian", 0.0, 0.5, 0, 6),
+                          (0.5, 2, "velocity", "lagrangian", 0.0, 0.5, 3, 3),
+                          (0.0, 2, "velocity", "eulerian", 0.3, 1.0, 0, 0), (0.5, 2, "velocity", "eulerian", 0.3, 0.0, 3, 0),
+                          (0.5, 2, "velocity", "eulerian", 1.0, 0.5, 3, 0)])
+def test_loss_and_gradients_equal_a_row_by_row_float64_reference(split_share, split_steps, tangent, identity, alpha,
+                                                                 adaptive_p, expected_split, expected_jvp):
     # 8 rows, 6 of them r != t, 2 of those at (0, 1): with split_share 0.5 the split rows are the two
-    # full intervals and the longest of the other four.
+    # full intervals and the longest of the other four. A constant alpha > 0 takes every other r != t row.
     cfg = MeanFlowConfig(time=TimeSamplerConfig(r_neq_t=0.75, full_interval=0.34), text_drop=0.3,
-                         adaptive_p=0.5, jvp_float32=False, split_share=split_share, split_steps=split_steps,
-                         tangent=tangent, identity=identity)
+                         adaptive_p=adaptive_p, jvp_float32=False, split_share=split_share, split_steps=split_steps,
+                         tangent=tangent, identity=identity, alpha=AlphaCurriculum(start=alpha, end=alpha))
     net, x, text = _setup(batch=8)
     gen = torch.Generator().manual_seed(11)
     loss, grads = _loss_and_grads(MeanFlowLoss(cfg)(net, x, *text, generator=gen)[0], net)
@@ -241,16 +291,40 @@ def test_split_share_zero_is_the_plain_objective_draw_for_draw():
     results = {}
     for name, cfg in {"default": MeanFlowConfig(time=time_cfg, jvp_float32=False),
                       "zero": MeanFlowConfig(time=time_cfg, jvp_float32=False, split_share=0.0),
+                      "alpha_zero": MeanFlowConfig(time=time_cfg, jvp_float32=False,
+                                                   alpha=AlphaCurriculum(start=0.004, end=0.0)),
                       "split": MeanFlowConfig(time=time_cfg, jvp_float32=False, split_share=0.5)}.items():
         gen = torch.Generator().manual_seed(2)
         loss, stats = MeanFlowLoss(cfg)(net, x, *text, generator=gen)
         results[name] = (*_loss_and_grads(loss, net), gen.get_state(), stats)
     default, zero, split = results["default"], results["zero"], results["split"]
-    assert torch.equal(default[0], zero[0]) and torch.equal(default[2], zero[2])
-    assert all(torch.equal(a, b) for a, b in zip(default[1], zero[1]))
+    for same in (zero, results["alpha_zero"]):  # an alpha under the clamp is MeanFlow's own target
+        assert torch.equal(default[0], same[0]) and torch.equal(default[2], same[2])
+        assert all(torch.equal(a, b) for a, b in zip(default[1], same[1]))
     assert zero[3]["split_rows"] == 0 and zero[3]["jvp_rows"] == 6
     assert split[3]["split_rows"] == 3 and split[3]["jvp_rows"] == 3
     assert not torch.equal(split[0], zero[0]) and not torch.equal(split[2], zero[2])
+
+
+def test_the_alpha_curriculum_hands_the_rows_to_the_jvp_when_it_reaches_zero():
+    cfg = MeanFlowConfig(time=TimeSamplerConfig(r_neq_t=0.75), jvp_float32=False, split_share=0.5,
+                         alpha=AlphaCurriculum(start=1.0, end=0.0))
+    net, x, text = _setup(batch=8, seed=9)
+    seen = {}
+    for progress in (0.0, 0.5, 1.0):
+        _, stats = MeanFlowLoss(cfg)(net, x, *text, progress, generator=torch.Generator().manual_seed(3))
+        seen[progress] = (stats["alpha"], stats["split_rows"], stats["jvp_rows"])
+    assert seen == {0.0: (1.0, 3, 0), 0.5: (0.5, 3, 0), 1.0: (0.0, 3, 3)}
+
+
+def test_the_alpha_curriculum_is_validated():
+    assert not MeanFlowConfig(alpha=AlphaCurriculum(start=1.0, end=0.0)).validate()
+    for refused in (dict(start=1.5), dict(end=-0.1), dict(start=1.0, window_start=0.6, window_end=0.4),
+                    dict(start=1.0, sharpness=0.0), dict(start=1.0, clamp=0.5)):
+        assert any("alpha" in p for p in MeanFlowConfig(alpha=AlphaCurriculum(**refused)).validate()), refused
+    curriculum = AlphaCurriculum(start=1.0, end=0.0)
+    for refused in (dict(mode="flow_matching"), dict(identity="lagrangian"), dict(tangent="model")):
+        assert any("alpha" in p for p in MeanFlowConfig(alpha=curriculum, **refused).validate()), refused
 
 
 def test_split_share_is_validated():
