@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import glob
 import os
 
 import torch
 
-from benchmarks.meanflow_finetune_variants import load_shards, score
-from emf_dist.export import export_model, load_model
+from benchmarks.meanflow_finetune_variants import load_demo, score
+from emf_dist.export import export_model
 from emf_dist.meanflow import MeanFlowConfig, MeanFlowLoss
 from emf_dist.model import VelocityNet
 from emf_dist.time_sampling import TimeSamplerConfig
@@ -43,10 +42,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="initialisation, data order and noise")
     parser.add_argument("--images-per-prompt", type=int, default=16)
     args = parser.parse_args()
-    torch.set_num_threads(len(os.sched_getaffinity(0)))  # the cores `taskset` leaves this process
-
-    data = load_shards(os.path.join(args.demo, "steps", "prep"))
-    _, info = load_model(glob.glob(os.path.join(args.demo, "steps/pretrain/*/pretrain/export"))[0])
+    data, info = load_demo(args.demo)
     # The demo parent's own architecture, with the variant's changes.
     cfg = dataclasses.replace(info.model, width=args.width, depth=args.depth, heads=args.heads,
                               mlp_ratio=args.mlp_ratio, prediction=args.prediction,

@@ -45,6 +45,18 @@ def load_shards(folder: str) -> InMemoryData:
     return InMemoryData(*(torch.stack([s[k] for s in samples]) for k in ("image", "tokens", "mask", "pooled")))
 
 
+def demo_parent(demo: str) -> str:
+    """The export folder of a finished demo's flow-matching parent."""
+    return glob.glob(os.path.join(demo, "steps/pretrain/*/pretrain/export"))[0]
+
+
+def load_demo(demo: str):
+    """This process's threads set to the cores `taskset` leaves it; the demo's shards in memory and its
+    parent's export info (architecture, encoder, data spec)."""
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    return load_shards(os.path.join(demo, "steps", "prep")), load_model(demo_parent(demo))[1]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--demo", required=True)
@@ -86,7 +98,7 @@ def main() -> None:
 
     out = os.path.join(args.demo, "variants", args.name)
     data = load_shards(os.path.join(args.demo, "steps", "prep"))
-    parent, info = load_model(args.parent or glob.glob(os.path.join(args.demo, "steps/pretrain/*/pretrain/export"))[0])
+    parent, info = load_model(args.parent or demo_parent(args.demo))
     model = meanflow_from_flow_matching(parent.cfg, parent.state_dict(), args.time_embedding, args.decoder_depth)
     if not args.train_all:
         freeze_for_emf_finetune(model)
