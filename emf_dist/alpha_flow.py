@@ -16,6 +16,8 @@ The error of a row falls with alpha (the difference to MeanFlow's target is alph
 would its gradient. The official code multiplies its loss weight, which is 1 / (err + c) there
 (p = 1), by alpha; for the adaptive weight 1 / (err + c)^p that restoring factor is alpha^(2p - 1)
 (alpha^-1 at p = 0, the paper's written loss), which keeps a row's gradient at MeanFlow's scale.
+What it does to the demo's fine-tune and to MeanFlow from scratch: docs/benchmarks.md, "AlphaFlow's
+curriculum".
 """
 
 from __future__ import annotations
