@@ -435,7 +435,7 @@ class MeanFlowLoss:
         err = (u.to(precision) - target.detach().to(precision)).pow(2).flatten(1).mean(1)
         weight = (err.detach() + cfg.adaptive_c).pow(-cfg.adaptive_p)
         if len(alpha_rows):  # their gradient kept at MeanFlow's scale (emf_dist/alpha_flow.py)
-            weight = weight * torch.ones_like(weight).index_fill(0, alpha_rows, alpha_row_weight(alpha, cfg.adaptive_p))
+            weight[alpha_rows] *= alpha_row_weight(alpha, cfg.adaptive_p)
         loss = (weight * err).mean()
         return loss, {"mse": err.mean().detach(), "jvp_rows": len(jvp_rows), "jvp_seconds": jvp_seconds,
                       "split_rows": len(split), "fused": fused, "alpha": alpha}
